@@ -1,0 +1,267 @@
+"""Reward functions, shared by the Gymnasium env and TRL.
+
+Each is a plain function with TRL's reward signature: ``completions`` (strings or
+conversations) plus dataset columns as keyword lists, ``**kwargs`` always accepted,
+one ``float`` (or ``None``: not applicable) per completion. Parameterised rewards are
+small callable classes, so they pickle.
+
+Columns read: ``answer``, ``answer_type`` (mc, yesno, numeric, box), ``choices``,
+``tolerance`` (relative), ``abs_tolerance``, ``answer_box``, ``tool_calls_ok`` (how
+many tool calls really ran without error in the episode).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medgym.environments.parsing import completion_text, parse_action, parse_box
+
+# How the env adds the parts up; the answer dominates.
+REWARD_WEIGHTS = {"answer": 1.0, "grounding": 0.5, "format": 0.1, "tool_use": 0.2, "length": 1.0}
+FORMAT_PENALTY = -0.1  # a malformed turn in the env
+LOOSE_BAND = 3.0  # the loose numeric band is this many times the tight one, for half credit
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes.
+
+    >>> box_iou([0, 0, 10, 10], [5, 0, 15, 10])
+    0.3333333333333333
+    >>> box_iou([0, 0, 1, 1], [2, 2, 3, 3])
+    0.0
+    """
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two boolean masks (1.0 when both are empty).
+
+    >>> import numpy as np
+    >>> a = np.zeros((4, 4), bool); a[:2] = True
+    >>> b = np.zeros((4, 4), bool); b[:, :2] = True
+    >>> mask_iou(a, b)
+    0.3333333333333333
+    """
+    union = np.logical_or(pred, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
+
+
+def _mc_letter(text: str, choices: Sequence[str]) -> str | None:
+    text = text.strip()
+    m = re.match(r"^\(?([A-Za-z])\)?(?:[.):]|\s|$)", text)
+    if m and ord(m.group(1).upper()) - 65 < max(len(choices), 1):
+        return m.group(1).upper()
+    for i, c in enumerate(choices):
+        if text.lower().rstrip(".") == c.lower():
+            return chr(65 + i)
+    return None
+
+
+def score_answer(
+    predicted: str | None,
+    box: Sequence[float] | None,
+    answer: str,
+    answer_type: str,
+    choices: Sequence[str] = (),
+    tolerance: float = 0.0,
+    abs_tolerance: float = 0.0,
+    answer_box: Sequence[float] | None = None,
+) -> float:
+    """Correctness of one parsed answer: 1.0 right, 0.5 in the loose numeric band, else 0.0.
+
+    >>> score_answer("B) spleen", None, "B", "mc", ["liver", "spleen"])
+    1.0
+    >>> score_answer("spleen", None, "B", "mc", ["liver", "spleen"])
+    1.0
+    >>> score_answer("Yes, it has.", None, "yes", "yesno")
+    1.0
+    >>> score_answer("about 10.4 mm", None, "10.0", "numeric", tolerance=0.05)
+    1.0
+    >>> score_answer("11.2", None, "10.0", "numeric", tolerance=0.05)
+    0.5
+    >>> score_answer("3", None, "2", "numeric")
+    0.0
+    >>> score_answer("", [0, 0, 10, 10], "[0, 0, 10, 12]", "box", answer_box=[0, 0, 10, 12])
+    1.0
+    """
+    if predicted is None:
+        return 0.0
+    if answer_type == "mc":
+        return float(_mc_letter(predicted, choices) == answer.strip().upper())
+    if answer_type == "yesno":
+        words = re.findall(r"[a-z]+", predicted.lower())
+        return float(bool(words) and words[0] == answer.strip().lower())
+    if answer_type == "numeric":
+        found = _NUMBER.search(predicted.replace(",", ""))
+        if not found:
+            return 0.0
+        value, truth = float(found.group()), float(answer)
+        band = max(tolerance * abs(truth), abs_tolerance)
+        err = abs(value - truth)
+        if err <= band + 1e-9:
+            return 1.0
+        return 0.5 if band > 0 and err <= LOOSE_BAND * band else 0.0
+    if answer_type == "box":
+        truth_box = answer_box if answer_box is not None else parse_box(answer)
+        pred_box = box if box is not None else parse_box(predicted.strip())
+        if truth_box is None or pred_box is None:
+            return 0.0
+        return float(box_iou(pred_box, truth_box) >= 0.5)
+    return float(predicted.strip().lower() == answer.strip().lower())
+
+
+def _column(kwargs: dict[str, Any], name: str, n: int, default: Any = None) -> list[Any]:
+    values = kwargs.get(name)
+    return list(values) if values is not None else [default] * n
+
+
+def answer_reward(completions: list[Any], answer: list[str], answer_type: list[str], **kwargs: Any) -> list[float]:
+    """Answer correctness per completion (exact, multiple choice, numeric with tolerance bands, box IoU >= 0.5).
+
+    >>> answer_reward(["<answer>A</answer>", "<answer>B</answer>"], answer=["A", "A"], answer_type=["mc", "mc"], choices=[["x", "y"]] * 2)
+    [1.0, 0.0]
+    >>> answer_reward([[{"role": "assistant", "content": "<answer>no</answer>"}]], answer=["no"], answer_type=["yesno"])
+    [1.0]
+    """
+    n = len(completions)
+    choices, tol = _column(kwargs, "choices", n, []), _column(kwargs, "tolerance", n, 0.0)
+    abs_tol, boxes = _column(kwargs, "abs_tolerance", n, 0.0), _column(kwargs, "answer_box", n)
+    out = []
+    for i, completion in enumerate(completions):
+        action = parse_action(completion_text(completion))
+        out.append(
+            score_answer(
+                action.answer,
+                action.box,
+                answer[i],
+                answer_type[i],
+                choices[i] or (),
+                tol[i] or 0.0,
+                abs_tol[i] or 0.0,
+                boxes[i],
+            )
+        )
+    return out
+
+
+def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: Any) -> list[float | None]:
+    """IoU of the answer's <box> with the ground-truth box; None where the case has no box.
+
+    >>> grounding_reward(["<answer>x</answer><box>[0, 0, 10, 10]</box>", "<answer>x</answer>", "<answer>y</answer>"],
+    ...                  answer_box=[[0, 0, 10, 20], [0, 0, 5, 5], None])
+    [0.5, 0.0, None]
+    """
+    out: list[float | None] = []
+    for completion, truth in zip(completions, answer_box, strict=True):
+        if truth is None:
+            out.append(None)
+            continue
+        action = parse_action(completion_text(completion))
+        out.append(box_iou(action.box, truth) if action.box is not None else 0.0)
+    return out
+
+
+def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """1.0 when the final turn is a well-formed answer, else 0.0.
+
+    >>> format_reward(["<answer>yes</answer>", "<answer>yes", '<tool_call>{"name": "zoom"}</tool_call>'])
+    [1.0, 0.0, 0.0]
+    """
+    out = []
+    for completion in completions:
+        action = parse_action(completion_text(completion))
+        out.append(float(action.error is None and action.answer is not None))
+    return out
+
+
+def tool_use_reward(completions: list[Any], answer: list[str], answer_type: list[str], **kwargs: Any) -> list[float]:
+    """A bonus only when a tool really ran (``tool_calls_ok`` > 0) *and* the answer is right.
+
+    Rewarding calls alone teaches models to spam tools; rewarding nothing teaches them
+    to drop tools. Tying the bonus to a correct answer avoids both.
+
+    >>> tool_use_reward(["<answer>yes</answer>"] * 3, answer=["yes", "yes", "no"], answer_type=["yesno"] * 3,
+    ...                 tool_calls_ok=[2, 0, 1])
+    [1.0, 0.0, 0.0]
+    """
+    n = len(completions)
+    ran = _column(kwargs, "tool_calls_ok", n, 0)
+    correct = answer_reward(completions, answer, answer_type, **kwargs)
+    return [float((ran[i] or 0) > 0 and correct[i] == 1.0) for i in range(n)]
+
+
+class AnswerLengthPenalty:
+    """Penalise answers longer than ``max_chars`` (0 within, down to -1 at twice the cap).
+
+    >>> AnswerLengthPenalty(max_chars=10)(["<answer>short</answer>", "<answer>" + "x" * 15 + "</answer>", "<answer>" + "x" * 50 + "</answer>"])
+    [0.0, -0.5, -1.0]
+    """
+
+    __name__ = "answer_length_penalty"
+
+    def __init__(self, max_chars: int = 200):
+        if max_chars <= 0:
+            raise ValueError("max_chars must be positive")
+        self.max_chars = max_chars
+
+    def __call__(self, completions: list[Any], **kwargs: Any) -> list[float]:
+        out = []
+        for completion in completions:
+            action = parse_action(completion_text(completion))
+            length = len(action.answer or "")
+            over = max(0, length - self.max_chars)
+            out.append(-min(1.0, over / self.max_chars) if over else 0.0)
+        return out
+
+
+answer_length_penalty = AnswerLengthPenalty()
+
+REWARD_FUNCS = {
+    "answer": answer_reward,
+    "grounding": grounding_reward,
+    "format": format_reward,
+    "tool_use": tool_use_reward,
+    "length": answer_length_penalty,
+}
+
+
+def total_reward(parts: dict[str, float | None]) -> float:
+    """The env's scalar reward: the weighted sum of the applicable parts.
+
+    >>> total_reward({"answer": 1.0, "grounding": None, "format": 1.0, "tool_use": 1.0, "length": 0.0})
+    1.3
+    """
+    return round(sum(REWARD_WEIGHTS[k] * v for k, v in parts.items() if v is not None), 6)
+
+
+def score_parts(completion: Any, columns: dict[str, Any], tool_calls_ok: int = 0) -> dict[str, float | None]:
+    """Every reward for one completion, from one case's columns."""
+    batch = {k: [v] for k, v in columns.items()}
+    batch["tool_calls_ok"] = [tool_calls_ok]
+    return {name: fn([completion], **batch)[0] for name, fn in REWARD_FUNCS.items()}
+
+
+__all__ = [
+    "REWARD_FUNCS",
+    "REWARD_WEIGHTS",
+    "AnswerLengthPenalty",
+    "answer_reward",
+    "box_iou",
+    "format_reward",
+    "grounding_reward",
+    "mask_iou",
+    "score_answer",
+    "score_parts",
+    "tool_use_reward",
+    "total_reward",
+]

@@ -1,0 +1,141 @@
+"""Task sources: seeded producers of cases. ``PhantomSource`` draws procedural phantoms.
+
+Seeding happens here, in one place: ``case(seed)`` makes one generator from the seed
+and every random choice of that case (template, study kind, anatomy, lesions, noise,
+choice order) is drawn from it, so a seed names a case.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from medgym.environments.case import STAGES, Case
+from medgym.environments.phantom import (
+    DENSITY_HU,
+    ORGAN_HU,
+    PhantomPlan,
+    add_lesion,
+    anatomy,
+    render,
+    with_lesion_scale,
+)
+from medgym.environments.templates import TEMPLATES, Request, Template
+
+LESION_ORGANS = {
+    "ct2d": ("liver", "spleen", "kidney_right", "kidney_left"),
+    "ct3d": ("liver", "spleen", "kidney_right", "kidney_left"),
+    "chest_ct": ("lung_right", "lung_left"),
+    "xray": ("lung_right", "lung_left"),
+}
+
+
+class TaskSource(Protocol):
+    name: str
+
+    def case(self, seed: int) -> Case: ...
+
+
+def lesion_value(rng: np.random.Generator, kind: str, organ: str, density: str | None) -> float:
+    """A lesion intensity of the density class that stands out from its host organ."""
+    if kind == "xray":
+        return float(rng.uniform(0.18, 0.35))
+    host = ORGAN_HU.get(organ, 40.0)
+    classes = [density] if density else ["fluid", "soft tissue", "soft tissue", "fat"]
+    for _ in range(100):
+        lo, hi = DENSITY_HU[str(rng.choice(classes))]
+        value = float(rng.uniform(lo, hi))
+        if abs(value - host) >= 25.0:
+            return value
+    return float(DENSITY_HU[classes[0]][0] if host > 0 else DENSITY_HU[classes[0]][1])
+
+
+class PhantomSource:
+    """Procedural phantom cases: CT slices and volumes, chest CT, X-ray projections."""
+
+    name = "phantom"
+
+    def __init__(self, size: int = 256, templates: list[str] | None = None, stages: list[str] | None = None):
+        unknown = set(templates or []) - set(TEMPLATES)
+        if unknown:
+            raise ValueError(f"unknown templates {sorted(unknown)}; choose from {sorted(TEMPLATES)}")
+        chosen = [TEMPLATES[t] for t in (templates or TEMPLATES)]
+        if stages:
+            chosen = [t for t in chosen if t.stage in stages]
+        if not chosen:
+            raise ValueError("no template left after filtering by stage")
+        self.size = size
+        self.by_stage = {s: [t for t in chosen if t.stage == s] for s in STAGES}
+        self.by_stage = {s: ts for s, ts in self.by_stage.items() if ts}
+
+    def _place(self, rng: np.random.Generator, plan: PhantomPlan, req: Request) -> bool:
+        used: set[str] = set()
+        for spec in req.lesions:
+            pool = [spec.organ] if spec.organ else list(LESION_ORGANS[plan.kind])
+            if req.distinct_organs:
+                pool = [o for o in pool if o not in used]
+            rng.shuffle(pool)
+            diameter = float(rng.uniform(*spec.diameter))
+            for organ in pool:
+                if add_lesion(rng, plan, organ, diameter, lesion_value(rng, plan.kind, organ, spec.density)):
+                    used.add(organ)
+                    break
+            else:
+                return False
+        return True
+
+    def case(self, seed: int) -> Case:
+        rng = np.random.default_rng(seed)
+        sorted(self.by_stage)
+        template = self._pick(rng, sorted(self.by_stage))
+        for _ in range(60):
+            kind = str(rng.choice(template.kinds))
+            plan = anatomy(rng, kind, self.size)
+            req = template.request(rng, kind)
+            if not self._place(rng, plan, req):
+                continue
+            current_plan = plan if req.prior_scale is None else with_lesion_scale(plan, {"lesion_1": req.prior_scale})
+            study = render(current_plan, int(rng.integers(2**31)))
+            prior = None if req.prior_scale is None else render(plan, int(rng.integers(2**31)))
+            built = template.build(study, prior, rng)
+            if built is None:
+                continue
+            return Case(
+                case_id=f"phantom-{seed}",
+                source=self.name,
+                seed=seed,
+                stage=template.stage,
+                template=template.name,
+                question=built["question"],
+                answer_type=template.answer_type,
+                answer=built["answer"],
+                study=study,
+                prior=prior,
+                choices=built.get("choices", []),
+                tolerance=built.get("tolerance", 0.0),
+                abs_tolerance=built.get("abs_tolerance", 0.0),
+                answer_box=built.get("answer_box"),
+                unit=built.get("unit", ""),
+                expert_calls=list(built["calls"]),
+            )
+        raise RuntimeError(f"template {template.name!r} found no suitable phantom for seed {seed}")
+
+    def _pick(self, rng: np.random.Generator, stages: list[str]) -> Template:
+        stage = stages[int(rng.integers(len(stages)))]
+        pool = self.by_stage[stage]
+        return pool[int(rng.integers(len(pool)))]
+
+
+SOURCES = {"phantom": PhantomSource}
+
+
+def make_source(spec: str, **kwargs: object) -> TaskSource:
+    """A source from its CLI name (``phantom``); keyword arguments go to its constructor."""
+    name = spec.split(":", 1)[0]
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name](**kwargs)  # type: ignore[arg-type]
+
+
+__all__ = ["SOURCES", "PhantomSource", "TaskSource", "make_source"]

@@ -1,0 +1,81 @@
+"""The versioned trace schema: one episode = a header, its steps and its score.
+
+Bump ``SCHEMA_VERSION`` when a field changes meaning; readers keep loading older
+versions. Images are never inlined: steps hold content hashes into the image store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class TraceModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolCallRecord(TraceModel):
+    name: str = Field(description="Tool name as the model wrote it.")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments as the model wrote them.")
+    tool_version: str | None = Field(default=None, description="Version of the tool that ran (None: unknown tool).")
+    text: str = Field(description="Text returned to the model.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Structured result (boxes, numbers, mask ids).")
+    images: list[str] = Field(default_factory=list, description="Content hashes of returned images.")
+    error: bool = Field(default=False, description="True when the call returned an error result.")
+    seconds: float = Field(default=0.0, description="Wall time of the call.")
+
+
+class TraceStep(TraceModel):
+    index: int
+    model_text: str = Field(description="The model's raw turn.")
+    calls: list[ToolCallRecord] = Field(default_factory=list)
+    answer: str | None = None
+    box: list[float] | None = None
+    format_error: str | None = None
+    reward: float = 0.0
+
+
+class TraceHeader(TraceModel):
+    schema_version: int = SCHEMA_VERSION
+    episode_id: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    env_id: str | None = None
+    source: str
+    seed: int | None = None
+    case_id: str
+    stage: str
+    template: str
+    question: str
+    answer: str
+    answer_type: Literal["mc", "yesno", "numeric", "box"]
+    choices: list[str] = Field(default_factory=list)
+    answer_box: list[float] | None = None
+    image: str | None = Field(default=None, description="Content hash of the picture shown with the question.")
+    prior_image: str | None = None
+    model_id: str = "unknown"
+    prompt_hash: str | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class TraceEpisode(TraceModel):
+    header: TraceHeader
+    steps: list[TraceStep] = Field(default_factory=list)
+    final_answer: str | None = None
+    final_box: list[float] | None = None
+    score: dict[str, float | None] = Field(default_factory=dict, description="Reward parts at the answer.")
+    reward: float = 0.0
+    truncated: bool = False
+    content_hash: str | None = Field(default=None, description="sha256 of the episode without this field.")
+
+    def compute_hash(self) -> str:
+        body = self.model_dump(mode="json", exclude={"content_hash"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def sealed(self) -> TraceEpisode:
+        return self.model_copy(update={"content_hash": self.compute_hash()})
