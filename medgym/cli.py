@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--passages", type=_positive, default=100_000)
     b.add_argument("--steps", type=_positive, default=200)
     b.set_defaults(func=cmd_bench)
+
+    # Each subpackage adds its own commands; its handlers import lazily so the CLI starts fast.
+    from medgym.agents import commands as agent_commands
+    from medgym.rl import commands as rl_commands
+    from medgym.traces import commands as trace_commands
+
+    for module in (agent_commands, rl_commands, trace_commands):
+        module.register(sub)
     return p
 
 

@@ -13,6 +13,8 @@ the full-resolution pictures are in ``info["images"]``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import string
 import time
 import uuid
@@ -39,6 +41,13 @@ ERR_NOT_TEXT = "Format error: the action must be a string holding the model's tu
 NOTE_IMAGES_DROPPED = "({n} more image(s) not shown: at most {k} per turn.)"
 
 
+def _medgym_version() -> str | None:
+    try:
+        return importlib.metadata.version("medgym")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def tool_schemas() -> list[dict[str, Any]]:
     return [spec.json_schema() for spec in TOOLS.values()]
 
@@ -59,10 +68,10 @@ def sanitize(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:
-    """Fit a picture into a size x size square (top-left aligned, black padding)."""
+    """Fit a picture into a size x size square (top-left aligned, black padding, never enlarged)."""
     h, w = img.shape[:2]
     scale = min(size / h, size / w)
-    if scale != 1.0:
+    if scale < 1.0:  # only shrink: a smaller picture keeps its own pixels
         img = resize_rgb(img, (max(1, round(w * scale)), max(1, round(h * scale))))
     out = np.zeros((size, size, 3), dtype=np.uint8)
     out[: img.shape[0], : img.shape[1]] = img
@@ -87,6 +96,9 @@ class MedVQAEnv(gym.Env):
         **source_kwargs: Any,
     ):
         self.source = make_source(source, **source_kwargs) if isinstance(source, str) else source
+        # Recorded in traces so replay can rebuild the source (only known when built from a spec).
+        self.source_spec = source if isinstance(source, str) else None
+        self.source_kwargs = dict(source_kwargs) if isinstance(source, str) else {}
         self.image_size = image_size
         self.max_images = max_images
         self.segmenter = segmenter
@@ -279,6 +291,15 @@ class MedVQAEnv(gym.Env):
             model_id=self.model_id,
             prompt_hash=prompt_hash(),
             tool_versions={name: spec.version for name, spec in TOOLS.items()},
+            source_spec=self.source_spec,
+            source_config=json.loads(json.dumps(self.source_kwargs, default=str)),
+            study_hash=case.study.content_hash(),
+            segmenter=self.segmenter,
+            sam_checkpoint=self.sam_checkpoint,
+            unit=case.unit,
+            tolerance=case.tolerance,
+            abs_tolerance=case.abs_tolerance,
+            medgym_version=_medgym_version(),
         )
         self._trace = TraceEpisode(header=header)
 

@@ -32,14 +32,18 @@ def auto_window(plane: np.ndarray) -> tuple[float, float]:
     return float((lo + hi) / 2.0), float(hi - lo)
 
 
-def to_display(plane: np.ndarray, modality: str = "CT") -> np.ndarray:
-    """A 2D plane as an RGB uint8 picture: CT in the soft-tissue window, others auto-windowed."""
+def display_window(plane: np.ndarray, modality: str = "CT") -> tuple[float, float]:
+    """The window a plane is shown in: soft tissue for CT, percentiles of the plane otherwise."""
+    return WINDOW_PRESETS["soft_tissue"] if modality.upper() == "CT" else auto_window(plane)
+
+
+def to_display(
+    plane: np.ndarray, modality: str = "CT", window: tuple[float, float] | None = None
+) -> np.ndarray:
+    """A 2D plane as an RGB uint8 picture, in ``window`` or its display window."""
     if plane.ndim == 3 and plane.shape[-1] == 3 and plane.dtype == np.uint8:
         return plane
-    if modality.upper() == "CT":
-        grey = apply_window(plane, *WINDOW_PRESETS["soft_tissue"])
-    else:
-        grey = apply_window(plane, *auto_window(plane))
+    grey = apply_window(plane, *(window or display_window(plane, modality)))
     return np.repeat(grey[..., None], 3, axis=2)
 
 

@@ -17,7 +17,7 @@ from medgym.tools.base import (
     ToolSpec,
     check_box,
 )
-from medgym.tools.imaging import resize_rgb, to_display
+from medgym.tools.imaging import display_window, resize_rgb, to_display
 
 Box = Annotated[list[float], BoxField]
 
@@ -35,11 +35,12 @@ class ZoomArgs(ToolArgs):
 
 def zoom(args: ZoomArgs, ctx: ToolContext) -> ToolResult:
     study = ctx.get_study(args.study)
-    rgb = to_display(study.plane(args.slice_index), study.modality)
+    plane = study.plane(args.slice_index)
+    window = display_window(plane, study.modality)  # of the whole plane, so crops match the full view
     crops, boxes, lines = [], [], []
     for i, box in enumerate(args.boxes, start=1):
         x0, y0, x1, y1 = check_box(box, study.shape2d)
-        crop = rgb[y0:y1, x0:x1]
+        crop = to_display(plane[y0:y1, x0:x1], study.modality, window)
         h, w = crop.shape[:2]
         scale = args.size / max(h, w)
         crop = resize_rgb(crop, (max(1, round(w * scale)), max(1, round(h * scale))))

@@ -1,7 +1,10 @@
 """The versioned trace schema: one episode = a header, its steps and its score.
 
 Bump ``SCHEMA_VERSION`` when a field changes meaning; readers keep loading older
-versions. Images are never inlined: steps hold content hashes into the image store.
+versions (``tests/traces/fixtures/v1_traces.jsonl`` is a frozen version-1 file that must
+always load). Adding a field with a default is not a change of meaning: version-1 files
+simply lack it. A file from a *newer* schema is refused with a message saying so.
+Images are never inlined: steps hold content hashes into the image store.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
+ERR_NEWER_SCHEMA = (
+    "trace schema version {found} is newer than this medgym understands (up to {known}); "
+    "upgrade medgym to read this file."
+)
 
 
 class TraceModel(BaseModel):
@@ -61,6 +68,26 @@ class TraceHeader(TraceModel):
     model_id: str = "unknown"
     prompt_hash: str | None = None
     tool_versions: dict[str, str] = Field(default_factory=dict)
+    # What replay needs to rebuild the case and the tool context (absent in early version-1 files).
+    source_spec: str | None = Field(
+        default=None, description="The spec the source was made from (``make_source(spec, **source_config)``)."
+    )
+    source_config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the source.")
+    study_hash: str | None = Field(default=None, description="``Study.content_hash()`` of the current study.")
+    segmenter: str | None = Field(default=None, description="Segment backend that ran (medsam, sam, threshold).")
+    sam_checkpoint: str | None = Field(default=None, description="SAM checkpoint path when segmenter is 'sam'.")
+    # What scoring needs to judge numeric answers against tool evidence.
+    unit: str | None = Field(default=None, description="Unit of a numeric answer ('' none; None: not recorded).")
+    tolerance: float | None = Field(default=None, description="Relative tolerance of the numeric answer.")
+    abs_tolerance: float | None = Field(default=None, description="Absolute tolerance floor of the numeric answer.")
+    medgym_version: str | None = None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(ERR_NEWER_SCHEMA.format(found=v, known=SCHEMA_VERSION))
+        return v
 
 
 class TraceEpisode(TraceModel):
