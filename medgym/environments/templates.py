@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 
 from medgym.environments.case import AnswerType, Stage, ToolCall
-from medgym.tools.base import Study, mask_box
+from medgym.tools.base import Study, mask_box, organ_names
+from medgym.tools.base import organ_of as base_organ_of
 from medgym.tools.measure import components, mask_metrics
-
-NON_ORGANS = ("body", "empty")
 
 NODULE_CATEGORIES = ("no routine follow-up", "CT at 6-12 months", "CT at 3 months, PET/CT or tissue sampling")
 RESPONSE_CATEGORIES = ("complete response", "partial response", "stable disease", "progressive disease")
@@ -49,18 +48,11 @@ def lesions(study: Study) -> list[np.ndarray]:
 
 
 def organs(study: Study) -> list[str]:
-    return [
-        n for n in study.structures if not n.startswith("lesion") and n not in NON_ORGANS and study.structures[n].any()
-    ]
+    return [n for n in organ_names(study.structures) if study.structures[n].any()]
 
 
 def organ_of(study: Study, mask: np.ndarray) -> str | None:
-    best, best_overlap = None, 0
-    for name in organs(study):
-        overlap = int(np.logical_and(study.structures[name], mask).sum())
-        if overlap > best_overlap:
-            best, best_overlap = name, overlap
-    return best
+    return base_organ_of(mask, study.structures)
 
 
 def plane_box(study: Study, mask: np.ndarray) -> list[float] | None:

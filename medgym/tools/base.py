@@ -244,6 +244,21 @@ def check_box(box: list[float], shape2d: tuple[int, int]) -> tuple[int, int, int
     return xi0, yi0, xi1, yi1
 
 
+NON_ORGAN_STRUCTURES = ("body", "empty")
+
+
+def organ_names(structures: dict[str, np.ndarray]) -> list[str]:
+    """Names of the organ structures of a study (not lesions, not the body outline)."""
+    return [n for n in sorted(structures) if not n.startswith("lesion") and n not in NON_ORGAN_STRUCTURES]
+
+
+def organ_of(mask: np.ndarray, structures: dict[str, np.ndarray]) -> str | None:
+    """The organ holding most of a mask; None when no organ overlaps it."""
+    overlap = {n: int(np.count_nonzero(mask & structures[n])) for n in organ_names(structures)}
+    best = max(overlap, key=lambda n: overlap[n], default=None)
+    return best if best is not None and overlap[best] > 0 else None
+
+
 def mask_box(mask: np.ndarray) -> list[int] | None:
     """Tight [x0, y0, x1, y1] box (end exclusive) of a 2D mask, None when empty."""
     ys, xs = np.nonzero(mask)

@@ -26,6 +26,8 @@ from medgym.tools.base import (
     ToolSpec,
     check_box,
     mask_box,
+    organ_names,
+    organ_of,
 )
 from medgym.tools.imaging import draw_overlay, to_display
 from medgym.tools.measure import components
@@ -67,12 +69,9 @@ class SegmentArgs(ToolArgs):
 
 def _organ_of(comp: np.ndarray, structures: dict[str, np.ndarray]) -> str | None:
     """The organ holding most of a component; None when the case names no organs."""
-    organs = {k: v for k, v in structures.items() if not k.startswith("lesion") and k != "body"}
-    if not organs:
+    if not organ_names(structures):
         return None
-    overlap = {k: int(np.count_nonzero(comp & v)) for k, v in sorted(organs.items())}
-    best = max(overlap, key=lambda k: overlap[k])
-    return best if overlap[best] > 0 else OUTSIDE_ORGANS
+    return organ_of(comp, structures) or OUTSIDE_ORGANS
 
 
 def _largest_slice(mask3d: np.ndarray) -> int:
