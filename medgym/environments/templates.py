@@ -78,6 +78,13 @@ def segment_lesions() -> ToolCall:
     return ToolCall("segment", {"structure": "lesion"})
 
 
+def zoom_on(study: Study, box: list[float], margin: int = 8) -> ToolCall:
+    """A look at a box with some context around it, clipped to the image."""
+    h, w = study.shape2d
+    padded = [max(0, box[0] - margin), max(0, box[1] - margin), min(w, box[2] + margin), min(h, box[3] + margin)]
+    return ToolCall("zoom", {"boxes": [[int(v) for v in padded]]})
+
+
 def measure_largest() -> ToolCall:
     return ToolCall("measure", {"target": "mask_1", "component": 1})
 
@@ -194,7 +201,7 @@ def build_locate(study: Study, prior: Study | None, rng: np.random.Generator) ->
         "question": "Where is the lesion? Give its bounding box.",
         "answer": json.dumps(box),
         "answer_box": box,
-        "calls": [segment_lesions()],
+        "calls": [segment_lesions(), zoom_on(study, box)],
     }
 
 
@@ -356,6 +363,7 @@ def build_followup(study: Study, prior: Study | None, rng: np.random.Generator) 
         "answer": letter,
         "answer_box": plane_box(study, les),
         "calls": [
+            *([ToolCall("window", {"preset": "lung"})] if study.modality.upper() == "CT" else []),
             segment_lesions(),
             measure_largest(),
             ToolCall("retrieve", {"query": "follow-up of a solid pulmonary nodule by size"}),
