@@ -42,11 +42,14 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == (i + 1) for i in order]
 
 
-def diameters_2d(mask2d: np.ndarray, spacing2d: tuple[float, float]) -> tuple[float, float]:
-    """(longest diameter, perpendicular short axis) in mm of a 2D mask."""
+def diameters_2d(mask2d: np.ndarray, spacing2d: tuple[float, float]) -> tuple[float, float, float]:
+    """(longest diameter mm, perpendicular short axis mm, long-axis angle in degrees) of a 2D mask.
+
+    The angle is measured from the image's x axis (columns) towards y (rows), in [0, 180).
+    """
     ys, xs = np.nonzero(mask2d)
     if len(xs) == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     pts = np.stack([ys * spacing2d[0], xs * spacing2d[1]], axis=1).astype(np.float64)
     if len(pts) >= 3:
         try:
@@ -57,11 +60,12 @@ def diameters_2d(mask2d: np.ndarray, spacing2d: tuple[float, float]) -> tuple[fl
     i, j = np.unravel_index(np.argmax(d), d.shape)
     longest = float(d[i, j])
     if longest == 0.0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     axis = (pts[j] - pts[i]) / longest
     perp = np.array([-axis[1], axis[0]])
     proj = pts @ perp
-    return longest, float(proj.max() - proj.min())
+    angle = float(np.degrees(np.arctan2(axis[0], axis[1])) % 180.0)
+    return longest, float(proj.max() - proj.min()), angle
 
 
 def mask_metrics(mask: np.ndarray, spacing: tuple[float, ...], image: np.ndarray | None = None) -> dict[str, Any]:
@@ -74,20 +78,26 @@ def mask_metrics(mask: np.ndarray, spacing: tuple[float, ...], image: np.ndarray
     if mask.ndim == 3:
         out["volume_ml"] = n * float(np.prod(spacing)) / 1000.0
         areas = mask.sum(axis=(1, 2))
-        best_z, best_long, best_short = 0, -1.0, 0.0
+        best_z, best = 0, (-1.0, 0.0, 0.0)
         for z in np.nonzero(areas)[0]:
-            longest, short = diameters_2d(mask[z], spacing[1:])
-            if longest > best_long:
-                best_z, best_long, best_short = int(z), longest, short
+            found = diameters_2d(mask[z], spacing[1:])
+            if found[0] > best[0]:
+                best_z, best = int(z), found
         out.update(
-            longest_diameter_mm=best_long,
-            short_axis_mm=best_short,
+            longest_diameter_mm=best[0],
+            short_axis_mm=best[1],
+            long_axis_angle_deg=best[2],
             slice_index=best_z,
             area_mm2=float(areas[best_z]) * spacing[1] * spacing[2],
         )
     else:
-        longest, short = diameters_2d(mask, spacing)
-        out.update(longest_diameter_mm=longest, short_axis_mm=short, area_mm2=n * spacing[0] * spacing[1])
+        longest, short, angle = diameters_2d(mask, spacing)
+        out.update(
+            longest_diameter_mm=longest,
+            short_axis_mm=short,
+            long_axis_angle_deg=angle,
+            area_mm2=n * spacing[0] * spacing[1],
+        )
     if image is not None:
         values = image[mask]
         out.update(mean_intensity=float(values.mean()), max_intensity=float(values.max()))
@@ -133,7 +143,10 @@ def resolve_mask(ctx: ToolContext, name: str, study_name: str) -> np.ndarray:
 
 
 def _fmt(m: dict[str, Any], unit: str) -> str:
-    parts = [f"longest diameter {m['longest_diameter_mm']:.1f} mm", f"short axis {m['short_axis_mm']:.1f} mm"]
+    parts = [
+        f"longest diameter {m['longest_diameter_mm']:.1f} mm at {m['long_axis_angle_deg']:.0f} deg",
+        f"short axis {m['short_axis_mm']:.1f} mm",
+    ]
     if "volume_ml" in m:
         parts.append(f"volume {m['volume_ml']:.2f} mL (longest diameter on slice {m['slice_index']})")
     parts.append(f"area {m['area_mm2']:.1f} mm2")
@@ -182,8 +195,8 @@ def measure(args: MeasureArgs, ctx: ToolContext) -> ToolResult:
 SPEC = ToolSpec(
     name="measure",
     description="Measure a segmented mask or named structure in physical units: longest diameter and "
-    "short axis (mm), area (mm2), volume (mL, 3D), mean/max intensity (HU on CT), number of "
-    "components, and the distance to a second target.",
+    "short axis (mm), long-axis angle (degrees from the x axis), area (mm2), volume (mL, 3D), mean/max "
+    "intensity (HU on CT), number of components, and the distance to a second target.",
     input_model=MeasureArgs,
     fn=measure,
     examples=({"target": "lesion_1"}, {"target": "lesion_1", "to": "body"}),

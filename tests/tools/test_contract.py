@@ -111,3 +111,17 @@ def test_window_presets_change_contrast(ctx):
     assert lung[body].mean() > bone[body].mean() + 50  # soft tissue is bright in a lung window, dark in bone
     r = run_tool(TOOLS, "window", {"preset": "lung", "center": 3}, ctx)
     assert r.error and "not both" in r.text
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 90.0, 135.0])
+def test_measure_reports_the_long_axis_angle(angle):
+    yy, xx = np.mgrid[:200, :200] - 100.0
+    t = np.radians(angle)
+    u, v = xx * np.cos(t) + yy * np.sin(t), -xx * np.sin(t) + yy * np.cos(t)
+    study = Study(
+        image=np.zeros((200, 200), np.float32), spacing=(1.0, 1.0), structures={"e": (u / 60) ** 2 + (v / 15) ** 2 <= 1}
+    )
+    r = run_tool(TOOLS, "measure", {"target": "e"}, ToolContext(study=study))
+    got = r.data["long_axis_angle_deg"]
+    assert min(abs(got - angle), 180 - abs(got - angle)) <= 3.0
+    assert r.data["longest_diameter_mm"] == pytest.approx(120, abs=2)
