@@ -1,9 +1,166 @@
-"""Commands of the agent: chat in the terminal and on the web."""
+"""Commands of the agent: chat in the terminal (``medgym chat``) and on the web (``medgym web``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+BACKEND_CHOICES = ["expert", "demo", "openai", "transformers", "embedded"]
+
+
+def _context(args: argparse.Namespace, backend: str):
+    from medgym.agents.backends import BackendUnavailable, make_backend
+    from medgym.agents.graph import AgentContext
+
+    options: dict[str, Any] = {
+        "model": args.model or "default",
+        "base_url": args.base_url,
+        "model_path": args.model,
+        "checkpoint": args.checkpoint,
+    }
+    chosen: Any = backend
+    if backend in ("openai", "transformers", "embedded"):
+        try:
+            chosen = make_backend(backend, **options)  # load once, fail early with a clear message
+        except BackendUnavailable as exc:
+            raise SystemExit(f"medgym: {exc}") from None
+    return AgentContext(
+        backend=chosen,
+        max_steps=args.max_steps,
+        temperature=args.temperature,
+        reliability_n=args.reliability,
+        segmenter=args.segmenter,
+        sam_checkpoint=args.sam_checkpoint,
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        default="expert",
+        choices=BACKEND_CHOICES,
+        help="planner: expert (phantom cases; uploads use the scripted demo), demo (scripted, not a model), "
+        "openai (--base-url, --model), transformers (--model PATH), embedded (--checkpoint)",
+    )
+    p.add_argument("--model", default=None, help="openai: model name; transformers: model folder")
+    p.add_argument(
+        "--base-url", default=None, help="openai: endpoint, e.g. http://127.0.0.1:8000/v1 (else $OPENAI_BASE_URL)"
+    )
+    p.add_argument("--checkpoint", default=None, help="embedded: checkpoint folder (default: the shipped one)")
+    p.add_argument("--max-steps", type=int, default=8, help="model turns per question before stopping")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--reliability",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N sampled trajectories (temperature 0.7) and report how many agree",
+    )
+    p.add_argument("--segmenter", default="threshold", choices=["threshold", "medsam", "sam"])
+    p.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint for --segmenter sam")
+
+
+def _print_event(event: dict[str, Any], out: Path, step: list[int]) -> None:
+    from medgym.agents.graph import _image_store
+
+    store = _image_store(str(out / "images"))
+    kind = event.get("kind")
+    if kind == "question":
+        print(f"? {event['content']}")
+    elif kind == "turn":
+        step[0] += 1
+        print(f"\n[{step[0]}] {event.get('model_id', 'model')}: {event['content']}")
+    elif kind == "tool":
+        saved = []
+        for j, digest in enumerate(event.get("images") or [], start=1):
+            path = out / f"step{step[0]}_{event['name']}_{j}.png"
+            path.write_bytes(store.path(digest).read_bytes())
+            saved.append(path.name)
+        flag = " (error)" if event.get("error") else ""
+        print(f"    -> {event['name']}{flag}: {event['text']}" + (f"  [saved {', '.join(saved)}]" if saved else ""))
+    elif kind in ("format_error", "error", "budget"):
+        print(f"    !! {event['content']}")
+    elif kind == "result":
+        line = "ANSWER: " + (event.get("answer") or "(none)")
+        rel = event.get("reliability")
+        if rel:
+            line += f"   reliability {rel['score']:.2f} over {rel['n']} sampled runs"
+        print("\n" + line)
+        if event.get("overlay"):
+            path = out / "answer_overlay.png"
+            path.write_bytes(store.path(event["overlay"]).read_bytes())
+            print(f"overlay: {path}")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from medgym.agents.session import ChatAgent
+    from medgym.agents.studies import UploadError, load_upload_bytes
+
+    image, question = args.image, args.question
+    if args.case_seed is not None and question is None:
+        image, question = None, image  # `medgym chat --case-seed 3 "question"`
+    if image is None and args.case_seed is None:
+        raise SystemExit("medgym chat: give an IMAGE file, or --case-seed N to chat over a phantom case")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = args.backend
+    ctx = _context(args, "demo" if backend == "expert" and image is not None else backend)
+    ctx.data_dir = str(out)
+    if backend == "expert" and image is not None:
+        print("note: uploaded images have no expert trace; running the SCRIPTED DEMO (not a model).", file=sys.stderr)
+    with ChatAgent(Path(args.db) if args.db else out / "chat.sqlite", ctx) as agent:
+        if image is not None:
+            try:
+                study = load_upload_bytes(Path(image).read_bytes(), Path(image).name)
+            except (UploadError, OSError) as exc:
+                raise SystemExit(f"medgym chat: {exc}") from None
+            ref = {"kind": "upload", "id": ctx.uploads.save(study, Path(image).name)}
+        else:
+            ref = {"kind": "phantom", "seed": args.case_seed}
+        thread = args.session or agent.new_thread_id()
+        step = [0]
+        final: dict[str, Any] = {}
+        for event in agent.ask(thread, question or "", ref):
+            if event["kind"] == "done":
+                final = event
+            else:
+                _print_event(event, out, step)
+        (out / "answer.json").write_text(json.dumps(final, indent=1))
+        print(f"session {thread} (continue with --session {thread} --db {agent.db})")
+    return 0 if final.get("status") == "answered" else 1
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from medgym.agents.web import serve
+
+    data = Path(args.data)
+    ctx = _context(args, args.backend)
+    print(f"medgym web on http://{args.host}:{args.port}  (db {args.db}, data {data}, backend {args.backend})")
+    serve(args.host, args.port, args.db, data, ctx)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this subpackage's subcommands to the `medgym` parser."""
+    c = sub.add_parser("chat", help="ask the agent about an image; streams every step, saves overlays")
+    c.add_argument("image", nargs="?", help="PNG, JPEG, DICOM or NIfTI file (omit with --case-seed)")
+    c.add_argument("question", nargs="?", help="the question (omit with --case-seed to ask the case's own)")
+    c.add_argument(
+        "--case-seed", type=int, default=None, help="chat over phantom case N (expert backend follows its trace)"
+    )
+    c.add_argument("--out", default="medgym-chat", help="folder for overlays, answer.json, images and traces")
+    c.add_argument("--db", default=None, help="SQLite file of the conversations (default OUT/chat.sqlite)")
+    c.add_argument("--session", default=None, help="continue this session with a follow-up question")
+    _add_run_options(c)
+    c.set_defaults(func=cmd_chat)
+
+    w = sub.add_parser("web", help="the clinician web chat (FastAPI + a small page)")
+    w.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--db", default="medgym-web/chat.sqlite", help="SQLite file of the conversations")
+    w.add_argument("--data", default="medgym-web", help="folder for uploads, images and traces")
+    _add_run_options(w)
+    w.set_defaults(func=cmd_web)

@@ -44,7 +44,9 @@ UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 ERR_TOO_LARGE = "The file is {size} bytes; the limit is {limit} bytes. Upload a smaller file (one series or slice)."
 ERR_EMPTY = "The file is empty. Choose an image file (PNG, JPEG, DICOM or NIfTI)."
-ERR_NOT_IMAGE = "This is not an image medgym can read ({details}). Upload a PNG, JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz) file."
+ERR_NOT_IMAGE = (
+    "This is not an image medgym can read ({details}). Upload a PNG, JPEG, DICOM (.dcm) or NIfTI (.nii/.nii.gz) file."
+)
 ERR_BAD_DICOM = "The DICOM file could not be read ({details}). Export the series again, or upload a PNG of the slice."
 ERR_BAD_NIFTI = "The NIfTI file could not be read ({details}). Check the file, or upload a PNG of the slice."
 ERR_DIMENSIONS = (
@@ -94,58 +96,108 @@ def _from_picture(data: bytes) -> Study:
     return Study(image=grey, spacing=(1.0, 1.0), modality="OT", meta={"spacing_known": False})
 
 
+def _via_realdata(data: bytes, suffix: str) -> Study | None:
+    """Load with the project's real-data loader (orientation, spacing, PHI stripping), when it is installed."""
+    try:
+        from medgym.environments.realdata.loaders import load_study as load_real
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(data)
+        study = load_real(path)
+    meta = json.loads(json.dumps(study.meta, default=str))
+    meta.pop("source_file", None)
+    meta["spacing_known"] = str(meta.get("spacing_source", "header")).startswith("header")
+    study.meta = meta
+    return study
+
+
 def _from_dicom(data: bytes) -> Study:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        _check_shape((frames, rows, cols) if frames > 1 else (rows, cols))
-        pixels = ds.pixel_array.astype(np.float32)
-    except UploadError:
-        raise
+        header = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        rows, cols = int(header.Rows), int(header.Columns)
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
     except Exception as exc:  # pydicom raises many types on broken files
         raise UploadError(ERR_BAD_DICOM.format(details=f"{type(exc).__name__}: {str(exc)[:120]}")) from exc
+    _check_shape((frames, rows, cols) if frames > 1 else (rows, cols))
+    try:
+        study = _via_realdata(data, ".dcm")
+        if study is None:
+            study = _dicom_plain(data)
+    except UploadError:
+        raise
+    except Exception as exc:
+        raise UploadError(ERR_BAD_DICOM.format(details=f"{type(exc).__name__}: {str(exc)[:120]}")) from exc
+    if study.modality == "unknown":
+        study.modality = "OT"
+    return study
+
+
+def _dicom_plain(data: bytes) -> Study:
+    """Fallback DICOM reading (pixels, rescale, spacing, modality) when the real-data loader is absent."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    pixels = ds.pixel_array.astype(np.float32)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and frames == 1:
         pixels = pixels[..., :3].mean(axis=-1)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    pixels = pixels * slope + intercept
-    spacing_known = "PixelSpacing" in ds
-    row_mm, col_mm = (float(v) for v in ds.PixelSpacing) if spacing_known else (1.0, 1.0)
+    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    known = "PixelSpacing" in ds
+    row_mm, col_mm = (float(v) for v in ds.PixelSpacing) if known else (1.0, 1.0)
     modality = str(getattr(ds, "Modality", "OT") or "OT")
     # Only geometry and modality are kept: names, ids and dates (PHI) never leave this function.
     if pixels.ndim == 3:
         thickness = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-        return Study(pixels, (thickness, row_mm, col_mm), modality, meta={"spacing_known": spacing_known})
-    return Study(pixels, (row_mm, col_mm), modality, meta={"spacing_known": spacing_known})
+        return Study(pixels, (thickness, row_mm, col_mm), modality, meta={"spacing_known": known})
+    return Study(pixels, (row_mm, col_mm), modality, meta={"spacing_known": known})
 
 
 def _from_nifti(data: bytes, gz: bool) -> Study:
     import nibabel as nib
 
+    suffix = ".nii.gz" if gz else ".nii"
     try:
-        raw = gzip.decompress(data) if gz else data
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "upload.nii"
-            path.write_bytes(raw)
-            img = nib.load(str(path))
-            _check_shape(tuple(int(s) for s in img.shape[:3]))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-            zooms = [float(z) for z in img.header.get_zooms()[:3]]
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            shape = tuple(int(s) for s in nib.load(str(path)).shape[:3])  # header only: no voxels read yet
+    except Exception as exc:
+        raise UploadError(ERR_BAD_NIFTI.format(details=f"{type(exc).__name__}: {str(exc)[:120]}")) from exc
+    _check_shape(shape)
+    try:
+        study = _via_realdata(data, suffix)
+        if study is None:
+            study = _nifti_plain(data, gz)
     except UploadError:
         raise
     except Exception as exc:
         raise UploadError(ERR_BAD_NIFTI.format(details=f"{type(exc).__name__}: {str(exc)[:120]}")) from exc
+    if study.modality in ("unknown", "OT"):
+        study.modality = "CT" if float(np.percentile(study.image, 1)) < -500 else "MR"
+    return study
+
+
+def _nifti_plain(data: bytes, gz: bool) -> Study:
+    """Fallback NIfTI reading (voxel axes only, no reorientation) when the real-data loader is absent."""
+    import nibabel as nib
+
+    raw = gzip.decompress(data) if gz else data
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload.nii"
+        path.write_bytes(raw)
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = [float(z) for z in img.header.get_zooms()[:3]]
     while arr.ndim > 3:
         arr = arr[..., 0]
     if arr.ndim == 2:
-        return Study(arr.T.copy(), (zooms[1], zooms[0]), "MR", meta={"spacing_known": True})
-    # NIfTI is (x, y, z); medgym studies are (z, y, x) with y the row.
-    vol = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
-    modality = "CT" if float(np.percentile(vol, 1)) < -500 else "MR"
-    return Study(vol, (zooms[2], zooms[1], zooms[0]), modality, meta={"spacing_known": True})
+        return Study(arr.T.copy(), (zooms[1], zooms[0]), "OT", meta={"spacing_known": True})
+    vol = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # NIfTI (x, y, z) -> (z, y, x)
+    return Study(vol, (zooms[2], zooms[1], zooms[0]), "OT", meta={"spacing_known": True})
 
 
 def load_upload_bytes(data: bytes, filename: str = "") -> Study:
@@ -235,33 +287,20 @@ def load_study(ref: dict[str, Any], uploads: UploadStore | None = None) -> Loade
 
 def question_images(loaded: LoadedStudy) -> list[np.ndarray]:
     """The pictures shown with the question: the current plane, and the prior's for follow-up cases."""
-    study = loaded.study
-    pics = [to_display(study.plane(), study.modality)]
-    if loaded.case is not None and loaded.case.prior is not None:
-        pics.append(to_display(loaded.case.prior.plane(), loaded.case.prior.modality))
-    return pics
+    from medgym.environments.env import question_images as case_question_images
+
+    if loaded.case is not None:
+        return case_question_images(loaded.case)
+    return [to_display(loaded.study.plane(), loaded.study.modality)]
 
 
 def question_text(loaded: LoadedStudy, question: str | None = None) -> str:
     """The question as the env words it for cases; a description of the image plus the question for uploads."""
-    if loaded.case is not None and question is None:
-        from medgym.environments.env import MedVQAEnv
+    from medgym.environments.env import describe_study
+    from medgym.environments.env import question_text as case_question_text
 
-        env = MedVQAEnv.__new__(MedVQAEnv)  # only question_text is used: no spaces, no source needed
-        env.case = loaded.case
-        return env.question_text()
-    study = loaded.study
-    h, w = study.shape2d
-    row_mm, col_mm = study.spacing2d
-    known = study.meta.get("spacing_known", True)
-    desc = f"{study.modality} image, {w} x {h} pixels, pixel spacing {col_mm:.3f} x {row_mm:.3f} mm"
-    if not known:
-        desc += " (not given in the file: assumed, so sizes are in pixels)"
-    if study.is_3d:
-        desc += f"; a volume of {study.image.shape[0]} slices {study.spacing[0]:g} mm apart, slice {study.display_slice} shown"
-    names = [n for n in study.structures if not n.startswith("lesion_") and n != "empty"]
-    lines = [desc + "."]
-    if names:
-        lines.append("Structures segment can name: " + ", ".join(names) + ".")
+    if loaded.case is not None and question is None:
+        return case_question_text(loaded.case)
+    lines = describe_study(loaded.study)
     lines.append(question or (loaded.case.prompt() if loaded.case else ""))
     return "\n".join(lines)

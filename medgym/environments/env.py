@@ -31,7 +31,7 @@ from medgym.environments.parsing import parse_action
 from medgym.environments.rewards import FORMAT_PENALTY, box_iou, mask_iou, score_parts, total_reward
 from medgym.environments.sources import TaskSource, make_source
 from medgym.environments.templates import lesion_union
-from medgym.tools import TOOLS, ToolContext, run_tool
+from medgym.tools import TOOLS, Study, ToolContext, run_tool
 from medgym.tools.imaging import resize_rgb, to_display
 
 CHARSET = frozenset(string.printable)
@@ -76,6 +76,37 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((size, size, 3), dtype=np.uint8)
     out[: img.shape[0], : img.shape[1]] = img
     return out
+
+
+def describe_study(study: Study, has_prior: bool = False) -> list[str]:
+    """What the model is told about the picture: size, spacing, volume, nameable structures."""
+    h, w = study.shape2d
+    row_mm, col_mm = study.spacing2d
+    desc = f"{study.modality} image, {w} x {h} pixels, pixel spacing {col_mm:.3f} x {row_mm:.3f} mm"
+    if not study.meta.get("spacing_known", True):
+        desc += " (not given in the file: assumed, so sizes are in pixels)"
+    if study.is_3d:
+        desc += f"; a volume of {study.image.shape[0]} slices {study.spacing[0]:g} mm apart, slice {study.display_slice} shown"
+    lines = [desc + "."]
+    if has_prior:
+        lines.append("Image 1 is the current study, image 2 the prior study.")
+    names = [n for n in study.structures if not n.startswith("lesion_") and n != "empty"]
+    if names:
+        lines.append("Structures segment can name: " + ", ".join(names) + ".")
+    return lines
+
+
+def question_text(case: Case) -> str:
+    """The first observation's text: the study described, then the question with its answer format."""
+    return "\n".join([*describe_study(case.study, case.prior is not None), case.prompt()])
+
+
+def question_images(case: Case) -> list[np.ndarray]:
+    """The pictures shown with the question: the current study, then the prior if any."""
+    pics = [to_display(case.study.plane(), case.study.modality)]
+    if case.prior is not None:
+        pics.append(to_display(case.prior.plane(), case.prior.modality))
+    return pics
 
 
 class MedVQAEnv(gym.Env):
@@ -136,28 +167,11 @@ class MedVQAEnv(gym.Env):
 
     def question_images(self) -> list[np.ndarray]:
         assert self.case is not None
-        pics = [to_display(self.case.study.plane(), self.case.study.modality)]
-        if self.case.prior is not None:
-            pics.append(to_display(self.case.prior.plane(), self.case.prior.modality))
-        return pics
+        return question_images(self.case)
 
     def question_text(self) -> str:
-        case = self.case
-        assert case is not None
-        study = case.study
-        lines = []
-        h, w = study.shape2d
-        desc = f"{study.modality} image, {w} x {h} pixels, pixel spacing {study.spacing2d[1]:.3f} x {study.spacing2d[0]:.3f} mm"
-        if study.is_3d:
-            desc += f"; a volume of {study.image.shape[0]} slices {study.spacing[0]:g} mm apart, slice {study.display_slice} shown"
-        lines.append(desc + ".")
-        if case.prior is not None:
-            lines.append("Image 1 is the current study, image 2 the prior study.")
-        names = [n for n in study.structures if not n.startswith("lesion_") and n != "empty"]
-        if names:
-            lines.append("Structures segment can name: " + ", ".join(names) + ".")
-        lines.append(case.prompt())
-        return "\n".join(lines)
+        assert self.case is not None
+        return question_text(self.case)
 
     # ------------------------------------------------------------ gym API
 
