@@ -527,8 +527,8 @@ def _record(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: int, 
             **common,
         )
     else:
-        # No known answer: a chat question. The schema has no free-text answer type; "numeric" with an
-        # empty answer marks it as unscored.
+        # No known answer: a chat question, recorded as a free-text ("open") question with an empty answer
+        # key, which marks it as unscored.
         ref = state["study"]
         header = TraceHeader(
             source="upload" if ref.get("kind") == "upload" else str(ref.get("kind")),
@@ -537,7 +537,7 @@ def _record(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: int, 
             stage="chat",
             template="chat",
             answer="",
-            answer_type="numeric",
+            answer_type="open",
             **common,
         )
     steps: list[TraceStep] = []

@@ -13,7 +13,7 @@ from medgym.tools.base import Study
 
 STAGES = ("recognition", "measurement", "visual_reasoning", "medical_reasoning")
 Stage = Literal["recognition", "measurement", "visual_reasoning", "medical_reasoning"]
-AnswerType = Literal["mc", "yesno", "numeric", "box"]
+AnswerType = Literal["mc", "yesno", "numeric", "box", "open"]
 
 
 @dataclass
@@ -66,6 +66,8 @@ class Case:
             lines.append(f"Answer with a number{' in ' + self.unit if self.unit else ''}.")
         elif self.answer_type == "box":
             lines.append("Answer with <box>[x0, y0, x1, y1]</box> in image pixels.")
+        elif self.answer_type == "open":
+            lines.append("Answer with a short phrase.")
         return "\n".join(lines)
 
     def reward_columns(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ conversations) plus dataset columns as keyword lists, ``**kwargs`` always accept
 one ``float`` (or ``None``: not applicable) per completion. Parameterised rewards are
 small callable classes, so they pickle.
 
-Columns read: ``answer``, ``answer_type`` (mc, yesno, numeric, box), ``choices``,
+Columns read: ``answer``, ``answer_type`` (mc, yesno, numeric, box, open), ``choices``,
 ``tolerance`` (relative), ``abs_tolerance``, ``answer_box``, ``tool_calls_ok`` (how
 many tool calls really ran without error in the episode).
 """
@@ -93,6 +93,10 @@ def score_answer(
     0.0
     >>> score_answer("", [0, 0, 10, 10], "[0, 0, 10, 12]", "box", answer_box=[0, 0, 10, 12])
     1.0
+    >>> score_answer("The Left Lung.", None, "left lung", "open")
+    1.0
+    >>> score_answer("right lung", None, "left lung", "open")
+    0.0
     """
     if predicted is None:
         return 0.0
@@ -117,7 +121,19 @@ def score_answer(
         if truth_box is None or pred_box is None:
             return 0.0
         return float(box_iou(pred_box, truth_box) >= 0.5)
+    if answer_type == "open":
+        return float(normalize_open(predicted) == normalize_open(answer))
     return float(predicted.strip().lower() == answer.strip().lower())
+
+
+def normalize_open(text: str) -> str:
+    """Free-text answers compared the VQA way: lower case, no punctuation, no articles, single spaces.
+
+    >>> normalize_open("  The  Liver's lesion, an enhancing one. ")
+    'livers lesion enhancing one'
+    """
+    text = re.sub(r"[^\w\s]", "", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
 def _column(kwargs: dict[str, Any], name: str, n: int, default: Any = None) -> list[Any]:
@@ -260,6 +276,7 @@ __all__ = [
     "format_reward",
     "grounding_reward",
     "mask_iou",
+    "normalize_open",
     "score_answer",
     "score_parts",
     "tool_use_reward",

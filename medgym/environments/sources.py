@@ -21,6 +21,9 @@ from medgym.environments.phantom import (
     render,
     with_lesion_scale,
 )
+from medgym.environments.realdata.samples import SamplesSource
+from medgym.environments.realdata.segdir import SegDirSource
+from medgym.environments.realdata.vqa import VQASource
 from medgym.environments.templates import TEMPLATES, Request, Template
 
 LESION_ORGANS = {
@@ -127,15 +130,23 @@ class PhantomSource:
         return pool[int(rng.integers(len(pool)))]
 
 
-SOURCES = {"phantom": PhantomSource}
+SOURCES = {"phantom": PhantomSource, "segdir": SegDirSource, "vqa": VQASource, "samples": SamplesSource}
+PATH_SOURCES = ("segdir", "vqa")  # these take the part after ``name:`` as their data folder
 
 
 def make_source(spec: str, **kwargs: object) -> TaskSource:
-    """A source from its CLI name (``phantom``); keyword arguments go to its constructor."""
-    name = spec.split(":", 1)[0]
+    """A source from its CLI name (``phantom``, ``samples``, ``segdir:PATH``, ``vqa:PATH``);
+    keyword arguments go to its constructor."""
+    name, _, arg = spec.partition(":")
     if name not in SOURCES:
         raise ValueError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))}")
+    if name in PATH_SOURCES:
+        if not arg:
+            raise ValueError(f"source {name!r} needs a data folder: write {name}:PATH")
+        return SOURCES[name](arg, **kwargs)  # type: ignore[arg-type]
+    if arg:
+        raise ValueError(f"source {name!r} takes no path; write just {name!r}")
     return SOURCES[name](**kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["SOURCES", "PhantomSource", "TaskSource", "make_source"]
+__all__ = ["SOURCES", "PhantomSource", "SamplesSource", "SegDirSource", "TaskSource", "VQASource", "make_source"]
