@@ -24,7 +24,7 @@ from medgym.environments.phantom import (
 from medgym.environments.realdata.samples import SamplesSource
 from medgym.environments.realdata.segdir import SegDirSource
 from medgym.environments.realdata.vqa import VQASource
-from medgym.environments.templates import TEMPLATES, Request, Template
+from medgym.environments.templates import TEMPLATES, Request, Template, make_case
 
 LESION_ORGANS = {
     "ct2d": ("liver", "spleen", "kidney_right", "kidney_left"),
@@ -104,24 +104,7 @@ class PhantomSource:
             built = template.build(study, prior, rng)
             if built is None:
                 continue
-            return Case(
-                case_id=f"phantom-{seed}",
-                source=self.name,
-                seed=seed,
-                stage=template.stage,
-                template=template.name,
-                question=built["question"],
-                answer_type=template.answer_type,
-                answer=built["answer"],
-                study=study,
-                prior=prior,
-                choices=built.get("choices", []),
-                tolerance=built.get("tolerance", 0.0),
-                abs_tolerance=built.get("abs_tolerance", 0.0),
-                answer_box=built.get("answer_box"),
-                unit=built.get("unit", ""),
-                expert_calls=list(built["calls"]),
-            )
+            return make_case(self.name, seed, template, built, study, prior, f"phantom-{seed}")
         raise RuntimeError(f"template {template.name!r} found no suitable phantom for seed {seed}")
 
     def _pick(self, rng: np.random.Generator, stages: list[str]) -> Template:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from medgym.environments.case import AnswerType, Stage, ToolCall
+from medgym.environments.case import AnswerType, Case, Stage, ToolCall
 from medgym.tools.base import Study, mask_box, organ_names
 from medgym.tools.base import organ_of as base_organ_of
 from medgym.tools.measure import components, mask_metrics
@@ -458,6 +458,42 @@ def build_size_class(study: Study, prior: Study | None, rng: np.random.Generator
             ToolCall("retrieve", {"query": "liver lesion size classes small intermediate large"}),
         ],
     }
+
+
+class TemplateInfo(Protocol):
+    name: str
+    stage: Stage
+    answer_type: AnswerType
+
+
+def make_case(
+    source: str,
+    seed: int,
+    template: TemplateInfo,
+    built: dict[str, Any],
+    study: Study,
+    prior: Study | None,
+    case_id: str,
+) -> Case:
+    """A Case from a template's ``build`` output; every task source assembles its cases here."""
+    return Case(
+        case_id=case_id,
+        source=source,
+        seed=seed,
+        stage=template.stage,
+        template=template.name,
+        question=built["question"],
+        answer_type=template.answer_type,
+        answer=built["answer"],
+        study=study,
+        prior=prior,
+        choices=built.get("choices", []),
+        tolerance=built.get("tolerance", 0.0),
+        abs_tolerance=built.get("abs_tolerance", 0.0),
+        answer_box=built.get("answer_box"),
+        unit=built.get("unit", ""),
+        expert_calls=list(built["calls"]),
+    )
 
 
 # ---------------------------------------------------------------- requests per template

@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from medgym.environments.case import AnswerType, Case, Stage, ToolCall
 from medgym.environments.realdata.loaders import load_study, read_image
-from medgym.environments.templates import DENSITY_CATEGORIES, choice, density_category, far_from, fmt
+from medgym.environments.templates import DENSITY_CATEGORIES, choice, density_category, far_from, fmt, make_case
 from medgym.tools.base import Study, mask_box
 from medgym.tools.imaging import WINDOW_PRESETS
 from medgym.tools.measure import components, mask_metrics
@@ -568,22 +568,8 @@ class SamplesSource:
         built = template.build(study, rng)
         if built is None:
             raise ValueError(f"sample {template.name!r} found no suitable question for seed {seed}")
-        return Case(
-            case_id=f"samples-{template.name}-{seed}",
-            source=self.name,
-            seed=seed,
-            stage=template.stage,
-            template=template.name,
-            question=built["question"],
-            answer_type=template.answer_type,
-            answer=built["answer"],
-            study=built.get("study", study),
-            choices=built.get("choices", []),
-            tolerance=built.get("tolerance", 0.0),
-            abs_tolerance=built.get("abs_tolerance", 0.0),
-            answer_box=built.get("answer_box"),
-            unit=built.get("unit", ""),
-            expert_calls=list(built["calls"]),
+        return make_case(
+            self.name, seed, template, built, built.get("study", study), None, f"samples-{template.name}-{seed}"
         )
 
 

@@ -38,7 +38,7 @@ from medgym.environments.realdata.longitudinal import (
     synthetic_followup,
     time_point_pairs,
 )
-from medgym.environments.templates import TEMPLATES, Template
+from medgym.environments.templates import TEMPLATES, Template, make_case
 from medgym.tools.base import Study
 
 log = logging.getLogger(__name__)
@@ -148,36 +148,6 @@ def discover(root: str | Path) -> Layout:
     return Layout(pairs, names, modality, "flat")
 
 
-def make_case(
-    source: str,
-    seed: int,
-    template: Template,
-    built: dict[str, Any],
-    study: Study,
-    prior: Study | None,
-    case_id: str,
-) -> Case:
-    """A Case from a template's ``build`` output (the same fields PhantomSource fills)."""
-    return Case(
-        case_id=case_id,
-        source=source,
-        seed=seed,
-        stage=template.stage,
-        template=template.name,
-        question=built["question"],
-        answer_type=template.answer_type,
-        answer=built["answer"],
-        study=study,
-        prior=prior,
-        choices=built.get("choices", []),
-        tolerance=built.get("tolerance", 0.0),
-        abs_tolerance=built.get("abs_tolerance", 0.0),
-        answer_box=built.get("answer_box"),
-        unit=built.get("unit", ""),
-        expert_calls=list(built["calls"]),
-    )
-
-
 def case_id(name: str, seed: int) -> str:
     """A file-name-safe case id."""
     return f"segdir-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{seed}"
@@ -277,4 +247,4 @@ class SegDirSource:
         raise ValueError(f"no template suits the studies tried in {self.root} for seed {seed}")
 
 
-__all__ = ["Pair", "SegDirSource", "discover", "make_case", "suits"]
+__all__ = ["Pair", "SegDirSource", "discover", "suits"]
