@@ -199,6 +199,7 @@ SPEC = ToolSpec(
     "intensity (HU on CT), number of components, and the distance to a second target.",
     input_model=MeasureArgs,
     fn=measure,
+    version="2",  # 2: reports the long axis's angle
     examples=({"target": "lesion_1"}, {"target": "lesion_1", "to": "body"}),
     bad_examples=({"target": "empty"}, {"target": "no_such_mask"}, {"target": "lesion_1", "component": 9}),
 )

@@ -60,7 +60,7 @@ class TraceHeader(TraceModel):
     template: str
     question: str
     answer: str
-    answer_type: Literal["mc", "yesno", "numeric", "box"]
+    answer_type: Literal["mc", "yesno", "numeric", "box", "open"]
     choices: list[str] = Field(default_factory=list)
     answer_box: list[float] | None = None
     image: str | None = Field(default=None, description="Content hash of the picture shown with the question.")
@@ -90,6 +90,20 @@ class TraceHeader(TraceModel):
         return v
 
 
+# Header fields added after version-1 files were first written (see TraceEpisode.compute_hash).
+ADDED_HEADER_FIELDS = (
+    "source_spec",
+    "source_config",
+    "study_hash",
+    "segmenter",
+    "sam_checkpoint",
+    "unit",
+    "tolerance",
+    "abs_tolerance",
+    "medgym_version",
+)
+
+
 class TraceEpisode(TraceModel):
     header: TraceHeader
     steps: list[TraceStep] = Field(default_factory=list)
@@ -101,7 +115,17 @@ class TraceEpisode(TraceModel):
     content_hash: str | None = Field(default=None, description="sha256 of the episode without this field.")
 
     def compute_hash(self) -> str:
+        """sha256 of the episode's JSON without ``content_hash``.
+
+        Fields added to the schema after files were written (``ADDED_HEADER_FIELDS``) are
+        left out while they hold their default, so an older file, which lacks them and
+        loads with the defaults, still hashes to what its writer sealed.
+        """
         body = self.model_dump(mode="json", exclude={"content_hash"})
+        header = body["header"]
+        for name in ADDED_HEADER_FIELDS:
+            if name in header and header[name] == TraceHeader.model_fields[name].get_default(call_default_factory=True):
+                del header[name]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def sealed(self) -> TraceEpisode:

@@ -11,16 +11,20 @@ import hashlib
 import io
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 
 from medgym.traces.schema import TraceEpisode
 
 log = logging.getLogger(__name__)
+
+PNG_COMPRESS_LEVEL = 1  # ~2.5x faster than PIL's default 6, files ~6% larger
 
 
 def image_hash(img: np.ndarray) -> str:
@@ -33,9 +37,10 @@ def image_hash(img: np.ndarray) -> str:
 class ImageStore:
     """Images stored once by content hash as PNG files."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, create: bool = True):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
         return self.root / f"{digest}.png"
@@ -45,8 +50,10 @@ class ImageStore:
         path = self.path(digest)
         if not path.exists():
             buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            tmp = path.with_suffix(".tmp")
+            # Fast compression: the hash is over pixels, so the level only trades file size for time.
+            Image.fromarray(img).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+            # A writer-unique tmp name: vector envs in several processes may store the same image at once.
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(buf.getvalue())
             os.replace(tmp, path)
         return digest
@@ -77,27 +84,40 @@ class TraceWriter:
 class TraceFile:
     episodes: list[TraceEpisode] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # line number of each episode
 
 
-def iter_traces(path: Path | str) -> Iterator[TraceEpisode | str]:
-    """Episodes in order; a line that does not load yields a problem string instead."""
-    with open(path, encoding="utf-8") as f:
+def iter_lines(path: Path | str) -> Iterator[tuple[int, TraceEpisode | str]]:
+    """(line number, episode) in order; a line that does not load gives a problem string instead."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield TraceEpisode.model_validate_json(line)
-            except ValueError as exc:
+                yield lineno, TraceEpisode.model_validate_json(line)
+            except ValidationError as exc:
                 torn = "" if line.endswith("\n") else " (torn last line: the writer was interrupted)"
-                yield f"line {lineno}: not a valid episode{torn}: {str(exc).splitlines()[0]}"
+                detail = "; ".join(
+                    (".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "") + e["msg"] for e in exc.errors()[:3]
+                )
+                yield lineno, f"line {lineno}: not a valid episode{torn}: {detail}"
+
+
+def iter_traces(path: Path | str) -> Iterator[TraceEpisode | str]:
+    """Episodes in order; a line that does not load yields a problem string instead."""
+    for _, item in iter_lines(path):
+        yield item
 
 
 def read_traces(path: Path | str) -> TraceFile:
+    """Every episode of a trace file; lines that do not load are logged and listed in ``problems``."""
     out = TraceFile()
-    for item in iter_traces(path):
+    for lineno, item in iter_lines(path):
         if isinstance(item, str):
-            log.warning("%s: %s", path, item)
+            # Returned in ``problems`` for the caller to show; logged here for the record only.
+            log.info("%s: %s", path, item)
             out.problems.append(item)
         else:
             out.episodes.append(item)
+            out.lines.append(lineno)
     return out
