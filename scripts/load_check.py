@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,48 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(port: int, folder: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medgym.cli",
-        "web",
-        "--port",
-        str(port),
-        "--backend",
-        "expert",
-        "--db",
-        str(folder / "chat.sqlite"),
-        "--data",
-        str(folder / "data"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            return proc
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                raise SystemExit("medgym web exited: " + proc.stderr.read().decode()[-2000:]) from None
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("medgym web did not start in 90 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+from medgym.agents.local_server import free_port, spawn_web, stop_web
 
 
 def picture(i: int) -> bytes:
@@ -118,15 +75,15 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start(port, folder)
+    proc = spawn_web(port, folder)
     try:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.sessions) as pool:
             results = list(pool.map(lambda i: one_session(base, i), range(args.sessions)))
         total = time.perf_counter() - t0
     finally:
-        stop(proc)
-    proc = start(port, folder)
+        stop_web(proc)
+    proc = spawn_web(port, folder)
     try:
         missing = []
         for r in results:
@@ -136,7 +93,7 @@ def main() -> int:
             if not result or result[-1].get("answer") != r["answer"]:
                 missing.append(r["session"])
     finally:
-        stop(proc)
+        stop_web(proc)
     lat = sorted(r["latency"] for r in results)
     p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
     answered = sum(r["answered"] for r in results)

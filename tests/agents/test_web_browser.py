@@ -2,76 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from medgym.agents.local_server import free_port, spawn_web, stop_web
+
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium at /usr/bin/chromium")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, tmp: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medgym.cli",
-        "web",
-        "--port",
-        str(port),
-        "--backend",
-        "expert",
-        "--db",
-        str(tmp / "chat.sqlite"),
-        "--data",
-        str(tmp / "data"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read().decode()) from None
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("medgym web did not start in 60 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path):
+def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium):
     from playwright.sync_api import expect, sync_playwright
 
     arr = np.full((200, 240), 30, np.uint8)
@@ -81,10 +22,10 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path):
     Image.fromarray(arr).save(png)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = start_server(port, tmp_path)
+    proc = spawn_web(port, tmp_path)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            browser = chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
             page.goto(url)
             page.set_input_files("#file", str(png))
@@ -105,10 +46,10 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path):
             session_url = page.url
             assert "#s=" in session_url
             browser.close()
-        stop_server(proc)
-        proc = start_server(port, tmp_path)  # same DB file: the history must come back
+        stop_web(proc)
+        proc = spawn_web(port, tmp_path)  # same DB file: the history must come back
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            browser = chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
             page.goto(session_url)
             expect(page.locator(".msg.result")).to_have_count(1, timeout=20_000)
@@ -120,4 +61,4 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path):
             page.screenshot(path=str(REPO / "artifacts" / "web_chat_after_restart.png"), full_page=True)
             browser.close()
     finally:
-        stop_server(proc)
+        stop_web(proc)

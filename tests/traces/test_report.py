@@ -14,16 +14,7 @@ from medgym.cli import main
 from medgym.traces import read_traces
 from medgym.traces.report import ANSWER_COLOUR, TRUTH_COLOUR, draw_boxes
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def _reddish(img: np.ndarray) -> int:
@@ -57,8 +48,7 @@ def test_boxes_are_drawn_on_the_question_image():
     assert np.array_equal(draw_boxes(img, None, [5, 5, 5, 9]), img)  # an empty box draws nothing
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed at /usr/bin/chromium")
-def test_the_report_in_headless_chromium(report, mixed_traces):
+def test_the_report_in_headless_chromium(report, mixed_traces, chromium):
     from playwright.sync_api import sync_playwright
 
     episodes = read_traces(mixed_traces).episodes
@@ -67,7 +57,7 @@ def test_the_report_in_headless_chromium(report, mixed_traces):
     assert 0 < wrong < len(episodes) and failed > 0
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1500})
             page.goto(report.as_uri())
