@@ -95,6 +95,19 @@ def choice(rng: np.random.Generator, correct: str, options: list[str]) -> tuple[
     return order, chr(65 + order.index(correct))
 
 
+def multiple_choice(
+    rng: np.random.Generator,
+    question: str,
+    correct: str,
+    options: list[str],
+    calls: list[ToolCall],
+    box: list[float] | None = None,
+) -> dict[str, Any]:
+    """A multiple-choice build result: options shuffled, the answer their letter."""
+    shuffled, letter = choice(rng, correct, options)
+    return {"question": question, "choices": shuffled, "answer": letter, "answer_box": box, "calls": calls}
+
+
 def far_from(value: float, bounds: tuple[float, ...], margin: float) -> bool:
     return all(abs(value - b) > margin for b in bounds)
 
@@ -160,14 +173,14 @@ def build_organ(study: Study, prior: Study | None, rng: np.random.Generator) -> 
         return None
     others = [n for n in names if n != host]
     picked = [others[i] for i in rng.permutation(len(others))[:3]]
-    options, letter = choice(rng, pretty(host), [pretty(host)] + [pretty(o) for o in picked])
-    return {
-        "question": "In which organ is the lesion?",
-        "choices": options,
-        "answer": letter,
-        "answer_box": plane_box(study, les),
-        "calls": [segment_lesions()],
-    }
+    return multiple_choice(
+        rng,
+        "In which organ is the lesion?",
+        pretty(host),
+        [pretty(host)] + [pretty(o) for o in picked],
+        [segment_lesions()],
+        box=plane_box(study, les),
+    )
 
 
 def build_side(study: Study, prior: Study | None, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -182,14 +195,14 @@ def build_side(study: Study, prior: Study | None, rng: np.random.Generator) -> d
         return None
     # Radiological convention: the patient's right is on the image's left.
     side = "the patient's right" if cx < mid else "the patient's left"
-    options, letter = choice(rng, side, ["the patient's right", "the patient's left"])
-    return {
-        "question": "On which side of the patient is the lesion?",
-        "choices": options,
-        "answer": letter,
-        "answer_box": plane_box(study, les),
-        "calls": [segment_lesions()],
-    }
+    return multiple_choice(
+        rng,
+        "On which side of the patient is the lesion?",
+        side,
+        ["the patient's right", "the patient's left"],
+        [segment_lesions()],
+        box=plane_box(study, les),
+    )
 
 
 def build_locate(study: Study, prior: Study | None, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -268,13 +281,13 @@ def build_larger_organ(study: Study, prior: Study | None, rng: np.random.Generat
     if max(d) < 1.15 * min(d):
         return None
     bigger = hosts[int(np.argmax(d))]
-    options, letter = choice(rng, pretty(bigger), [pretty(h) for h in hosts])  # type: ignore[arg-type]
-    return {
-        "question": "Two organs contain a lesion. Which organ holds the lesion with the longer diameter?",
-        "choices": options,
-        "answer": letter,
-        "calls": [segment_lesions(), ToolCall("measure", {"target": "mask_1"})],
-    }
+    return multiple_choice(
+        rng,
+        "Two organs contain a lesion. Which organ holds the lesion with the longer diameter?",
+        pretty(bigger),
+        [pretty(h) for h in hosts],  # type: ignore[arg-type]
+        [segment_lesions(), ToolCall("measure", {"target": "mask_1"})],
+    )
 
 
 def build_count_above(study: Study, prior: Study | None, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -355,20 +368,20 @@ def build_followup(study: Study, prior: Study | None, rng: np.random.Generator) 
     d = metrics(study, les)["longest_diameter_mm"]
     if not far_from(d, (6.0, 8.0), 0.3):
         return None
-    options, letter = choice(rng, nodule_category(d), list(NODULE_CATEGORIES))
-    return {
-        "question": "A solitary solid pulmonary nodule is seen in a low-risk patient. Which follow-up does the "
+    return multiple_choice(
+        rng,
+        "A solitary solid pulmonary nodule is seen in a low-risk patient. Which follow-up does the "
         "size rule recommend?",
-        "choices": options,
-        "answer": letter,
-        "answer_box": plane_box(study, les),
-        "calls": [
+        nodule_category(d),
+        list(NODULE_CATEGORIES),
+        [
             *([ToolCall("window", {"preset": "lung"})] if study.modality.upper() == "CT" else []),
             segment_lesions(),
             measure_largest(),
             ToolCall("retrieve", {"query": "follow-up of a solid pulmonary nodule by size"}),
         ],
-    }
+        box=plane_box(study, les),
+    )
 
 
 def response_category(d0: float, d1: float) -> str:
@@ -392,16 +405,16 @@ def build_response(study: Study, prior: Study | None, rng: np.random.Generator) 
     if d1 > 0 and abs(d1 - d0 - 5.0) < 0.5:
         return None
     category = response_category(d0, d1)
-    options, letter = choice(rng, category, list(RESPONSE_CATEGORIES))
     calls = _follow_up_calls(d1 == 0)
     calls.append(ToolCall("retrieve", {"query": "tumour response category from change in longest diameter"}))
-    return {
-        "question": "The lesion is a target lesion followed for treatment response. Compared with the prior "
+    return multiple_choice(
+        rng,
+        "The lesion is a target lesion followed for treatment response. Compared with the prior "
         "study, what is the response category?",
-        "choices": options,
-        "answer": letter,
-        "calls": calls,
-    }
+        category,
+        list(RESPONSE_CATEGORIES),
+        calls,
+    )
 
 
 def density_category(hu: float) -> str:
@@ -419,18 +432,18 @@ def build_density(study: Study, prior: Study | None, rng: np.random.Generator) -
     hu = metrics(study, les)["mean_intensity"]
     if not far_from(hu, (-10.0, 20.0, 100.0), 3.0):
         return None
-    options, letter = choice(rng, density_category(hu), list(DENSITY_CATEGORIES))
-    return {
-        "question": "On this non-contrast CT, which density category does the lesion belong to?",
-        "choices": options,
-        "answer": letter,
-        "answer_box": plane_box(study, les),
-        "calls": [
+    return multiple_choice(
+        rng,
+        "On this non-contrast CT, which density category does the lesion belong to?",
+        density_category(hu),
+        list(DENSITY_CATEGORIES),
+        [
             segment_lesions(),
             measure_largest(),
             ToolCall("retrieve", {"query": "lesion density category by mean attenuation in HU"}),
         ],
-    }
+        box=plane_box(study, les),
+    )
 
 
 def size_class(d: float) -> str:
@@ -446,18 +459,18 @@ def build_size_class(study: Study, prior: Study | None, rng: np.random.Generator
     d = metrics(study, les)["longest_diameter_mm"]
     if not far_from(d, (10.0, 20.0), 0.5):
         return None
-    options, letter = choice(rng, size_class(d), list(SIZE_CLASSES))
-    return {
-        "question": "Using the project's liver lesion size classes, how is this liver lesion classed?",
-        "choices": options,
-        "answer": letter,
-        "answer_box": plane_box(study, les),
-        "calls": [
+    return multiple_choice(
+        rng,
+        "Using the project's liver lesion size classes, how is this liver lesion classed?",
+        size_class(d),
+        list(SIZE_CLASSES),
+        [
             segment_lesions(),
             measure_largest(),
             ToolCall("retrieve", {"query": "liver lesion size classes small intermediate large"}),
         ],
-    }
+        box=plane_box(study, les),
+    )
 
 
 class TemplateInfo(Protocol):
