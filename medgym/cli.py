@@ -49,7 +49,15 @@ def make_policy(name: str):
         from medgym.environments.policies import ExpertPolicy
 
         return ExpertPolicy()
-    raise SystemExit(f"medgym: unknown policy {name!r}; available here: expert")
+    if name == "embedded" or name.startswith("embedded:"):
+        from medgym.rl.policy_model import EmbeddedPolicy
+
+        path = name.partition(":")[2] or None  # embedded:PATH evaluates another checkpoint folder
+        try:
+            return EmbeddedPolicy(path)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"medgym: {exc}") from None
+    raise SystemExit(f"medgym: unknown policy {name!r}; available here: expert, embedded, embedded:PATH")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from medgym import EMBEDDED_POLICY_DIR
 from medgym.environments.case import Case, ToolCall
 from medgym.environments.env import tool_schemas
 from medgym.environments.parsing import parse_action
@@ -394,14 +395,14 @@ class TransformersBackend:
 def default_embedded_path() -> Path:
     """Where the embedded policy's checkpoint is looked for: $MEDGYM_EMBEDDED_POLICY, else package data."""
     env = os.environ.get("MEDGYM_EMBEDDED_POLICY")
-    return Path(env) if env else Path(__file__).parent / "embedded_policy"
+    return Path(env) if env else EMBEDDED_POLICY_DIR
 
 
 class EmbeddedBackend:
     """The project's own small policy: a transformers checkpoint at a path (written by ``medgym train``).
 
-    Wired, not delivered: training lives in ``medgym.rl`` (never imported here); this backend only
-    loads what training saved, and says so clearly when there is nothing to load.
+    Training lives in ``medgym.rl`` (never imported here); this backend only loads what training
+    saved (the shipped checkpoint by default), and says so clearly when there is nothing to load.
     """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = None, max_new_tokens: int = 256):

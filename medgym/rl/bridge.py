@@ -106,10 +106,6 @@ class MedGymToolEnv:
     def tool_calls_ok(self) -> int:
         return sum(c.ok for c in self.calls)
 
-    def ok_calls_among_first(self, k: int) -> int:
-        """Successful calls among the first ``k`` (the ones whose results the model actually saw)."""
-        return sum(c.ok for c in self.calls[:k])
-
     def _call(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]] | str:
         if self.ctx is None:
             raise RuntimeError("reset() the environment before calling its tools")
@@ -122,7 +118,15 @@ class MedGymToolEnv:
         return [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": text}]
 
 
+def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
+    """Successful calls among the first ``k`` of a rollout (the ones whose results the model actually saw).
+
+    A module function, not a method: every public method of the environment becomes a tool.
+    """
+    return sum(c.ok for c in env.calls[:k])
+
+
 for _name, _spec in TOOLS.items():
     setattr(MedGymToolEnv, _name, tool_method(_spec))
 
-__all__ = ["CallRecord", "MedGymToolEnv", "tool_method"]
+__all__ = ["CallRecord", "MedGymToolEnv", "ok_calls_among_first", "tool_method"]

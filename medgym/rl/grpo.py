@@ -1,0 +1,164 @@
+"""GRPO on medgym cases with TRL's ``GRPOTrainer(environment_factory=...)``.
+
+Each dataset row is a case (``case_seed``, ``source``), its prompt (system + user text, the
+question pictures in ``images``) and the reward columns of :meth:`Case.reward_columns`.
+One :class:`~medgym.rl.bridge.MedGymToolEnv` per rollout runs the real medgym tools.
+Rewards are the functions of :mod:`medgym.environments.rewards`, weighted as the env weighs
+them; the tool-use bonus gets ``tool_calls_ok`` from the bridge, counting only calls whose
+results the model actually saw (TRL drops a tool result that would overflow
+``max_completion_length``; such a call earns nothing).
+
+:class:`MedGymGRPOTrainer` fixes one TRL 1.16 bug (see its docstring); everything else is
+TRL's own trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import split_pixel_values_by_grid  # noqa: F401  (re-exported for the regression test)
+
+from medgym.environments.case import Case
+from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
+from medgym.environments.sources import make_source
+from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first
+from medgym.rl.conversation import prompt_messages
+
+log = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+class MedGymGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with image fields as tensors under ``environment_factory``.
+
+    TRL 1.16's ``_tokenize_prompts`` renders prompts one by one when an
+    ``environment_factory`` is set and merges the processor's outputs; as the processor is
+    called without ``return_tensors``, ``pixel_values`` and ``image_grid_thw`` come back as
+    Python lists. When a tool round yields no picture, ``_tool_call_loop`` passes those
+    fields to ``split_pixel_values_by_grid``, which calls ``image_grid_thw.prod(-1)`` and
+    crashes with ``'list' object has no attribute 'prod'``. Converting the image fields to
+    tensors here is what the non-environment path already returns.
+    """
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+        for key in IMAGE_FIELDS:
+            value = fields.get(key)
+            if isinstance(value, list) and value:
+                fields[key] = torch.as_tensor(np.asarray(value))
+        return prompt_ids, images, fields
+
+
+def tool_turns(completion: Any) -> int:
+    """How many tool results a (conversational) completion holds."""
+    if not isinstance(completion, list):
+        return 0
+    return sum(1 for m in completion if isinstance(m, dict) and m.get("role") == "tool")
+
+
+class MedGymReward:
+    """One medgym reward function in TRL's signature, fed ``tool_calls_ok`` from the rollouts' bridges."""
+
+    def __init__(self, name: str):
+        if name not in REWARD_FUNCS:
+            raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARD_FUNCS)}")
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, completions: list[Any], environments: list[MedGymToolEnv] | None = None, **kwargs: Any):
+        if environments is not None:
+            kwargs["tool_calls_ok"] = [
+                ok_calls_among_first(env, tool_turns(c)) for env, c in zip(environments, completions, strict=True)
+            ]
+        return REWARD_FUNCS[self.name](completions, **kwargs)
+
+
+def reward_functions(names: list[str] | None = None) -> tuple[list[MedGymReward], list[float]]:
+    names = names or list(REWARD_FUNCS)
+    return [MedGymReward(n) for n in names], [float(REWARD_WEIGHTS[n]) for n in names]
+
+
+def case_row(case: Case) -> dict[str, Any]:
+    """A dataset row: prompt, question pictures, case id and reward columns."""
+    messages, images = prompt_messages(case)
+    columns = case.reward_columns()
+    return {
+        "prompt": messages,
+        "images": images,
+        "case_seed": case.seed,
+        "source": case.source,
+        "answer": columns["answer"],
+        "answer_type": columns["answer_type"],
+        "choices": list(columns["choices"]),
+        "tolerance": float(columns["tolerance"]),
+        "abs_tolerance": float(columns["abs_tolerance"]),
+        "answer_box": [float(v) for v in columns["answer_box"]] if columns["answer_box"] is not None else None,
+        "stage": columns["stage"],
+    }
+
+
+def build_dataset(seeds: list[int], source: str = "phantom", **source_kwargs: Any):
+    """A ``datasets.Dataset`` of cases for GRPO."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    src = make_source(source, **source_kwargs)
+    rows = [case_row(src.case(s)) for s in seeds]
+    features = Features(
+        {
+            "prompt": List({"role": Value("string"), "content": Value("string")}),
+            "images": List(Image()),
+            "case_seed": Value("int64"),
+            "source": Value("string"),
+            "answer": Value("string"),
+            "answer_type": Value("string"),
+            "choices": List(Value("string")),
+            "tolerance": Value("float64"),
+            "abs_tolerance": Value("float64"),
+            "answer_box": List(Value("float64")),
+            "stage": Value("string"),
+        }
+    )
+    return Dataset.from_list(rows, features=features)
+
+
+def make_trainer(
+    model,
+    processor,
+    dataset,
+    args,
+    segmenter: str = "threshold",
+    callbacks=None,
+    reward_names: list[str] | None = None,
+    extra_rewards: list[tuple[Any, float]] | None = None,
+):
+    """The trainer: medgym rewards with env weights (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout."""
+    funcs, weights = reward_functions(reward_names)
+    for func, weight in extra_rewards or []:
+        funcs.append(func)
+        weights.append(float(weight))
+    args.reward_weights = weights
+    return MedGymGRPOTrainer(
+        model=model,
+        processing_class=processor,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        environment_factory=lambda: MedGymToolEnv(segmenter=segmenter),
+        callbacks=callbacks,
+    )
+
+
+__all__ = [
+    "MedGymGRPOTrainer",
+    "MedGymReward",
+    "build_dataset",
+    "case_row",
+    "make_trainer",
+    "reward_functions",
+    "tool_turns",
+]

@@ -1,0 +1,76 @@
+"""Training metrics: an append-only JSONL log, a CSV copy and PNG curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# What the GRPO plots show: (title, candidate keys in TRL's logs, first found wins).
+GRPO_PANELS = [
+    ("reward", ("reward",)),
+    ("accuracy (answer reward)", ("rewards/answer/mean",)),
+    ("tool-call frequency", ("tools/call_frequency",)),
+    ("KL to start model", ("kl",)),
+]
+SFT_PANELS = [("loss", ("loss",)), ("learning rate", ("lr",))]
+
+
+class MetricsLog:
+    """Rows of numbers keyed by ``step``; appended to ``metrics.jsonl`` as they come."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "metrics.jsonl"
+
+    def append(self, row: dict[str, Any]) -> None:
+        clean = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write_csv(self) -> Path:
+        rows = self.rows()
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+        out = self.folder / "metrics.csv"
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        return out
+
+    def plot(self, panels: list[tuple[str, tuple[str, ...]]], name: str = "metrics.png") -> Path | None:
+        """One panel per metric over steps; panels with no data say so."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows() if "step" in r]
+        if not rows:
+            return None
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+        for ax, (title, keys) in zip(axes[0], panels, strict=True):
+            key = next((k for k in keys if any(k in r for r in rows)), None)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            if key is None:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+                continue
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=2)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.folder / name
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

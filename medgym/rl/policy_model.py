@@ -1,0 +1,378 @@
+"""The embedded policy: a few-million-parameter Qwen3-VL trained by the project, and its runtime.
+
+:func:`build_processor` trains a byte-level BPE tokenizer on the project's own text (system
+prompt, questions, expert tool calls, tool results and answers of phantom cases) and pairs it
+with TRL's own ``qwen3_vl`` chat template (TRL recognises it: it parses tool calls with it and
+knows it is prefix-preserving) and a Qwen2-VL image processor fixed to 128 x 128 pictures
+(8 x 8 patches of 16 px, merged 2 x 2: 16 image tokens). :func:`build_model` makes a
+``Qwen3VLForConditionalGeneration`` with random weights from :data:`EMBEDDED_SIZES`.
+Everything saves with ``save_pretrained`` and reloads with ``AutoProcessor`` /
+``AutoModelForImageTextToText``.
+
+:class:`EmbeddedPolicy` runs a checkpoint as a medgym policy (``reset(case, obs)``,
+``act(obs) -> str``) with greedy decoding; the shipped one lives in
+``medgym/rl/checkpoints/embedded/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medgym import EMBEDDED_POLICY_DIR
+from medgym.environments.case import Case
+from medgym.rl.bridge import MedGymToolEnv
+from medgym.rl.conversation import (
+    POLICY_IMAGE_SIZE,
+    image_parts,
+    multimodal_prompt,
+    policy_image,
+    system_message,
+)
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Added as whole tokens but not "special", so decoding keeps them (the tool-call parser needs them).
+TAG_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<answer>",
+    "</answer>",
+    "<box>",
+    "</box>",
+]
+
+# Eager attention: on a CPU, SDPA's flash-attention backward is ~1.5x slower at these sizes.
+ATTENTION = "eager"
+
+# name -> (text: hidden, layers, heads, kv heads, mlp; vision: hidden, depth, heads, mlp)
+EMBEDDED_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden": 64,
+        "layers": 2,
+        "heads": 2,
+        "kv": 1,
+        "mlp": 128,
+        "v_hidden": 32,
+        "v_depth": 1,
+        "v_heads": 2,
+        "v_mlp": 64,
+    },
+    "small": {
+        "hidden": 192,
+        "layers": 4,
+        "heads": 4,
+        "kv": 2,
+        "mlp": 512,
+        "v_hidden": 96,
+        "v_depth": 2,
+        "v_heads": 4,
+        "v_mlp": 192,
+    },
+}
+
+
+def checkpoint_dir() -> Path:
+    """Where the shipped embedded checkpoint lives (package data)."""
+    return EMBEDDED_POLICY_DIR
+
+
+def trl_chat_template() -> str:
+    """TRL's qwen3_vl chat template, read from the installed trl package."""
+    from trl.chat_template_utils import qwen3_vl_chat_template
+
+    return qwen3_vl_chat_template
+
+
+def tool_schemas() -> list[dict[str, Any]]:
+    """The tools as the chat template renders them (from the bridge's generated methods)."""
+    from transformers.utils import get_json_schema
+
+    env = MedGymToolEnv()
+    return [get_json_schema(getattr(env, name)) for name in sorted(_tool_names())]
+
+
+def _tool_names() -> list[str]:
+    from medgym.tools import TOOLS
+
+    return list(TOOLS)
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def corpus(n_cases: int = 300, seed: int = 10_000, source: Any = None) -> Iterator[str]:
+    """Text the tokenizer learns from: prompts, questions, expert calls, tool results, answers.
+
+    The case seeds (10000 and up by default) lie outside the training and held-out ranges.
+    """
+    from jinja2 import Template
+
+    from medgym.environments.env import system_prompt
+    from medgym.environments.sources import PhantomSource
+    from medgym.rl.sft import expert_conversation
+
+    template = Template(trl_chat_template())
+    tools = tool_schemas()
+    yield system_prompt()
+    source = source or PhantomSource()
+    for s in range(seed, seed + n_cases):
+        conversation, _ = expert_conversation(source.case(s), MedGymToolEnv())
+        yield template.render(messages=_text_only(conversation), tools=tools, add_generation_prompt=False)
+
+
+def _text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [p if p.get("type") == "text" else {"type": "image"} for p in content]
+        out.append({**m, "content": content})
+    return out
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int = 8192):
+    """A byte-level BPE whose merges may span words within a line; digits are split one by one.
+
+    Pre-splitting only at newlines and digits lets the static text (system prompt, tool
+    schemas, template boilerplate) collapse into a few long tokens, which makes prompts
+    several times shorter for a small model on a CPU, while numbers still copy digit by digit.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Whole tokens, but not special: decoding with skip_special_tokens keeps them, as Qwen's tokenizer does.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.model_max_length = 8192
+    return fast
+
+
+def build_processor(n_cases: int = 300, vocab_size: int = 8192, source: Any = None):
+    """Tokenizer (trained here), TRL's qwen3_vl chat template, a 128 x 128 image processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tokenizer = train_tokenizer(corpus(n_cases, source=source), vocab_size)
+    pixels = POLICY_IMAGE_SIZE * POLICY_IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=trl_chat_template(),
+    )
+
+
+# ------------------------------------------------------------------ model
+
+
+def build_model(processor, size: str = "small", seed: int = 0):
+    """A Qwen3-VL with random weights, sized by :data:`EMBEDDED_SIZES`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if size not in EMBEDDED_SIZES:
+        raise ValueError(f"unknown embedded size {size!r}; choose one of {sorted(EMBEDDED_SIZES)}")
+    s = EMBEDDED_SIZES[size]
+    tok = processor.tokenizer
+    head_dim = s["hidden"] // s["heads"]
+    quarter = head_dim // 2
+    mrope = [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
+    ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": s["hidden"],
+            "intermediate_size": s["mlp"],
+            "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"],
+            "num_key_value_heads": s["kv"],
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": mrope,
+                "mrope_interleaved": True,
+            },
+            "tie_word_embeddings": True,
+            "bos_token_id": ids["<|im_start|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": s["v_depth"],
+            "hidden_size": s["v_hidden"],
+            "intermediate_size": s["v_mlp"],
+            "num_heads": s["v_heads"],
+            "out_hidden_size": s["hidden"],
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=ATTENTION)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|im_start|>"]
+    return model
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save(model, processor, out: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if meta is not None:
+        (out / "medgym.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load(path: str | Path):
+    """(model, processor) from a folder written by :func:`save`; offline, CPU, fp32, eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint in {path}: expected config.json and model.safetensors (train one with `medgym train sft`)"
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTENTION)
+    model.eval()
+    return model, processor
+
+
+# ------------------------------------------------------------------ runtime
+
+
+def generate_turn(model, processor, messages: list[dict[str, Any]], max_new_tokens: int = 96) -> str:
+    """One greedy assistant turn for a multimodal conversation (tools rendered as in training)."""
+    inputs = processor.apply_chat_template(
+        messages,
+        tools=tool_schemas_cached(),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+_SCHEMAS: list[dict[str, Any]] | None = None
+
+
+def tool_schemas_cached() -> list[dict[str, Any]]:
+    global _SCHEMAS
+    if _SCHEMAS is None:
+        _SCHEMAS = tool_schemas()
+    return _SCHEMAS
+
+
+class EmbeddedPolicy:
+    """A checkpoint as a medgym policy: greedy turns over the conversation so far."""
+
+    def __init__(self, path: str | Path | None = None, max_new_tokens: int = 96, max_images: int = 8):
+        self.path = Path(path) if path is not None else checkpoint_dir()
+        self.model, self.processor = load(self.path)
+        meta_file = self.path / "medgym.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self.model_id = str(meta.get("model_id", f"embedded:{self.path.name}"))
+        self.max_new_tokens = max_new_tokens
+        self.max_images = max_images
+        self.messages: list[dict[str, Any]] = []
+        self._n_images = 0
+
+    def reset(self, case: Case, observation: dict[str, Any] | None = None) -> None:
+        self.messages = multimodal_prompt(case)
+        self._n_images = sum(1 for p in self.messages[1]["content"] if p.get("type") == "image")
+        self._answered = False
+
+    def act(self, observation: dict[str, Any]) -> str:
+        if not self.messages:
+            raise RuntimeError("reset() the policy with a case before act()")
+        if self.messages[-1]["role"] == "assistant":
+            self._add_observation(observation)
+        text = generate_turn(self.model, self.processor, self.messages, self.max_new_tokens)
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+
+    def _add_observation(self, observation: dict[str, Any]) -> None:
+        n = int(observation.get("n_images", 0))
+        n = min(n, max(0, self.max_images - self._n_images))
+        pictures = [policy_image(np.asarray(observation["images"][i])) for i in range(n)]
+        self._n_images += n
+        content = [*image_parts(pictures), {"type": "text", "text": str(observation.get("text", ""))}]
+        self.messages.append({"role": "tool", "content": content})
+
+
+__all__ = [
+    "EMBEDDED_SIZES",
+    "EmbeddedPolicy",
+    "build_model",
+    "build_processor",
+    "checkpoint_dir",
+    "load",
+    "save",
+    "system_message",
+]

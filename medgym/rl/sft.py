@@ -1,0 +1,202 @@
+"""SFT cold start: expert episodes as multi-turn, multimodal tool conversations.
+
+:func:`expert_conversation` replays a case's expert trace through the same bridge GRPO uses
+(:class:`~medgym.rl.bridge.MedGymToolEnv`): system, user (question pictures + text), then for
+each expert call an assistant turn with a structured ``tool_calls`` entry and a tool turn
+with the tool's real pictures and text, then the expert's ``<answer>``.
+
+Training is a lean torch loop rather than TRL's ``SFTTrainer``: assistant-only loss on a VLM
+conversation needs the assistant mask *after* image-token expansion, and TRL 1.16 computes
+it before expansion without re-aligning (see ``trl.chat_template_utils.
+is_chat_template_stop_token_trained``), so with tool images in the middle of a conversation
+the mask would be shifted. Here the mask is found on the final token ids: every span from
+``<|im_start|>assistant\\n`` to its ``<|im_end|>`` (inclusive, so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgym.environments.case import Case
+from medgym.rl.bridge import MedGymToolEnv
+from medgym.rl.conversation import multimodal_prompt
+
+log = logging.getLogger(__name__)
+
+
+def expert_conversation(case: Case, env: MedGymToolEnv | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures."""
+    env = env or MedGymToolEnv()
+    env.reset(case_seed=case.seed, source=case.source)
+    env.case = case  # the very case given (it may not come from a seed)
+    env.ctx.study, env.ctx.prior = case.study, case.prior  # type: ignore[union-attr]
+    messages = multimodal_prompt(case)
+    for call in case.expert_calls:
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}],
+            }
+        )
+        result = env._call(call.name, dict(call.arguments))
+        if isinstance(result, str):
+            result = [{"type": "text", "text": result}]
+        messages.append({"role": "tool", "name": call.name, "content": result})
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": case.expert_answer}]})
+    n_images = sum(
+        1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
+    )
+    return messages, n_images
+
+
+def assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
+    """1 on assistant-generated tokens (content, tool calls and the closing ``<|im_end|>``), else 0."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    header = tokenizer.encode("assistant\n", add_special_tokens=False)
+    mask = [0] * len(input_ids)
+    i = 0
+    while i < len(input_ids):
+        if input_ids[i] == start and input_ids[i + 1 : i + 1 + len(header)] == header:
+            j = i + 1 + len(header)
+            while j < len(input_ids) and input_ids[j] != end:
+                mask[j] = 1
+                j += 1
+            if j < len(input_ids):
+                mask[j] = 1
+            i = j
+        i += 1
+    return mask
+
+
+def encode_conversation(processor, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model inputs (batch of one: ids, pixels, grids, mm token types) and labels (-100 outside assistant turns) for one conversation."""
+    enc = processor.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=False
+    )
+    ids = enc["input_ids"]
+    mask = torch.tensor([assistant_mask(ids[0].tolist(), processor.tokenizer)], dtype=torch.bool)
+    out = {k: v for k, v in enc.items() if k != "attention_mask"}
+    out["labels"] = torch.where(mask, ids, torch.full_like(ids, -100))
+    return out
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    checkpoint: str | None
+
+
+def train_sft(
+    model,
+    processor,
+    cases: list[Case],
+    *,
+    epochs: float = 1.0,
+    learning_rate: float = 1e-3,
+    grad_accum: int = 4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    save_steps: int = 0,
+    resume: bool = False,
+    log_fn: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> SFTResult:
+    """Next-token loss on assistant tokens of the cases' expert conversations (batch 1, accumulated)."""
+    from tqdm import tqdm
+
+    from medgym.rl.policy_model import tool_schemas_cached
+
+    tools = tool_schemas_cached()
+    examples = []
+    env = MedGymToolEnv()
+    for case in tqdm(cases, desc="sft data", unit="case", disable=not progress):
+        messages, _ = expert_conversation(case, env)
+        examples.append(encode_conversation(processor, messages, tools))
+    total_steps = max(1, math.ceil(len(examples) * epochs / grad_accum))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start_step = 0
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is not None:
+        state_file = _latest_state(out)
+        if state_file is not None:
+            state = torch.load(state_file, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = int(state["step"])
+            log.info("resumed SFT from %s at step %d", state_file, start_step)
+    rng = random.Random(seed)
+    order = [i for _ in range(math.ceil(epochs) + 1) for i in rng.sample(range(len(examples)), len(examples))]
+    model.train()
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    bar = tqdm(range(start_step, total_steps), desc="sft", unit="step", disable=not progress)
+    for step in bar:
+        optimizer.zero_grad()
+        losses = []
+        for k in range(grad_accum):
+            ex = examples[order[(step * grad_accum + k) % len(order)]]
+            loss = model(**ex).loss / grad_accum
+            loss.backward()
+            losses.append(loss.item() * grad_accum)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        loss_value = sum(losses) / len(losses)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if log_fn is not None:
+            log_fn({"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+        if out is not None and save_steps and ((step + 1) % save_steps == 0 or step + 1 == total_steps):
+            _save_state(out / f"checkpoint-{step + 1}", model, processor, optimizer, scheduler, step + 1)
+    model.eval()
+    return SFTResult(
+        steps=total_steps, final_loss=loss_value, seconds=time.perf_counter() - t0, checkpoint=str(out) if out else None
+    )
+
+
+def _save_state(folder: Path, model, processor, optimizer, scheduler, step: int) -> None:
+    from medgym.rl.policy_model import save
+
+    save(model, processor, folder)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+        },
+        folder / "trainer_state.pt",
+    )
+    (folder / "step.json").write_text(json.dumps({"step": step}))
+
+
+def _latest_state(out: Path) -> Path | None:
+    states = sorted(out.glob("checkpoint-*/trainer_state.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return states[-1] if states else None
+
+
+__all__ = ["SFTResult", "assistant_mask", "encode_conversation", "expert_conversation", "train_sft"]

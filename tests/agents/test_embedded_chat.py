@@ -1,0 +1,30 @@
+"""The chat's embedded backend runs the shipped checkpoint through the agent loop."""
+
+from __future__ import annotations
+
+from medgym import EMBEDDED_POLICY_DIR
+from medgym.agents.backends import EmbeddedBackend, default_embedded_path
+from medgym.environments.env import question_images, question_text, system_prompt
+from medgym.environments.sources import PhantomSource
+
+
+def test_the_chat_finds_the_checkpoint_that_training_ships():
+    assert default_embedded_path() == EMBEDDED_POLICY_DIR
+    assert (EMBEDDED_POLICY_DIR / "model.safetensors").is_file(), "the embedded policy ships with the package"
+
+
+def test_embedded_backend_runs_the_shipped_checkpoint_on_a_case_image():
+    """Loading and generating through the chat's message format (images ride on the messages).
+
+    The chat sends the env's system prompt; the policy was trained on its own system text, so this
+    checks the plumbing, not the quality of its turns (see medgym train bench for that).
+    """
+    backend = EmbeddedBackend()
+    case = PhantomSource().case(3)
+    messages = [
+        {"role": "system", "content": system_prompt(), "images": []},
+        {"role": "user", "content": question_text(case), "images": question_images(case)},
+    ]
+    turn = backend.next_turn(messages, temperature=0.0)
+    assert isinstance(turn, str) and turn.strip()
+    assert backend.inner.model.config.model_type.startswith("qwen")

@@ -1,0 +1,49 @@
+"""The TRL bridge: tool methods generated from TOOLS, real tool runs, images back as content blocks."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+
+def test_methods_match_the_registry():
+    from transformers.utils import get_json_schema
+
+    from medgym.rl.bridge import MedGymToolEnv
+    from medgym.tools import TOOLS
+
+    env = MedGymToolEnv()
+    for name, spec in TOOLS.items():
+        method = getattr(env, name)
+        schema = get_json_schema(method)["function"]
+        assert schema["name"] == name
+        assert schema["description"] == spec.description
+        assert list(schema["parameters"]["properties"]) == list(spec.input_model.model_fields)
+        required = [n for n, f in spec.input_model.model_fields.items() if f.is_required()]
+        assert schema["parameters"].get("required", []) == required
+        assert list(inspect.signature(method).parameters) == list(spec.input_model.model_fields)
+    public = [n for n, _ in inspect.getmembers(MedGymToolEnv, predicate=inspect.isfunction) if not n.startswith("_")]
+    assert sorted(public) == sorted([*TOOLS, "reset"])  # TRL exposes every public method as a tool
+
+
+def test_tools_run_on_the_rows_case_and_return_images(tiny_source):
+    from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first
+
+    env = MedGymToolEnv()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.zoom(boxes=[[0, 0, 10, 10]])
+    with pytest.raises(ValueError, match="case_seed"):
+        env.reset(source="phantom")
+    env.reset(case_seed=2000, source="phantom", answer="ignored")
+    out = env.zoom(boxes=[[10, 10, 100, 100]])
+    assert out[0]["type"] == "image" and out[0]["image"].size == (128, 128)
+    assert out[-1]["text"].startswith("[zoom] Zoomed crop 1")
+    text = env.measure(target="body")
+    assert isinstance(text, str) and text.startswith("[measure]")
+    bad = env.zoom(boxes=[[5000, 5000, 6000, 6000]])
+    assert isinstance(bad, str) and "outside the image" in bad
+    assert [c.ok for c in env.calls] == [True, True, False]
+    assert env.tool_calls_ok == 2 and ok_calls_among_first(env, 1) == 1
+    env.reset(case_seed=2001)
+    assert env.calls == []

@@ -1,0 +1,87 @@
+"""`medgym train` runs: checkpoints, resume, metrics JSONL/CSV and plots; `medgym eval --policy embedded`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_train_refuses_bad_config_with_a_fix(capsys):
+    from medgym.cli import main
+
+    with pytest.raises(SystemExit, match="size must be one of"):
+        main(["train", "sft", "--size", "huge"])
+    with pytest.raises(SystemExit, match="multiple of num_generations"):
+        main(["train", "grpo", "--per_device_train_batch_size", "3"])
+
+
+def test_sft_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
+    from medgym.rl.config import SFTConfig
+    from medgym.rl.runs import run_sft
+
+    folder, _, _ = tiny_sft
+    common = dict(
+        output_dir=str(tmp_path / "run"),
+        init_from=str(folder),
+        train_seeds=[2000, 2],
+        grad_accum=1,
+        save_steps=1,
+        learning_rate=1e-3,
+    )
+    first = run_sft(SFTConfig(epochs=1, **common), progress=False)
+    run = tmp_path / "run"
+    assert first["steps"] == 2 and (run / "checkpoint-1" / "trainer_state.pt").exists()
+    assert (run / "final" / "model.safetensors").exists() and (run / "sft.png").stat().st_size > 0
+    second = run_sft(SFTConfig(epochs=2, **common), resume=True, progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the resumed run went on from step 2, not from 0
+    assert second["steps"] == 4 and (run / "metrics.csv").read_text().startswith("step,")
+    meta = json.loads((run / "final" / "medgym.json").read_text())
+    assert "sft" in json.dumps(meta["recipe"]) and meta["parameters"] > 0
+
+
+def test_eval_embedded_policy_offline(capsys):
+    from medgym.cli import main
+    from medgym.rl.policy_model import checkpoint_dir
+
+    assert (checkpoint_dir() / "model.safetensors").exists(), "the shipped checkpoint is missing"
+    main(["eval", "--policy", "embedded", "--n", "1", "--seed", "3", "--segmenter", "threshold", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 1 and summary["policy"].startswith("embedded")
+    assert summary["tool_calls"] >= 1  # the shipped policy calls tools
+
+
+def test_eval_unknown_checkpoint_is_a_clear_error(tmp_path):
+    from medgym.cli import make_policy
+
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        make_policy(f"embedded:{tmp_path}")
+
+
+def test_grpo_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
+    from medgym.rl.config import GRPOConfigMedgym
+    from medgym.rl.runs import run_grpo
+
+    folder, _, _ = tiny_sft
+    common = dict(
+        output_dir=str(tmp_path / "grpo"),
+        init_from=str(folder),
+        train_seeds=[3000, 1],  # a visual-reasoning phantom: no knowledge-base index needed
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=128,
+        save_steps=1,
+        beta=0.02,
+    )
+    first = run_grpo(GRPOConfigMedgym(max_steps=1, **common), progress=False)
+    run = tmp_path / "grpo"
+    assert first["steps"] == 1 and (run / "checkpoint-1").is_dir()
+    second = run_grpo(GRPOConfigMedgym(max_steps=2, **common), resume=True, progress=False)
+    assert second["steps"] == 2
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "reward" in r]
+    assert steps == [1, 2]  # the resumed run logged step 2 only
+    assert any("kl" in r for r in rows) and (run / "grpo.png").stat().st_size > 0
+    meta = json.loads((run / "final" / "medgym.json").read_text())
+    assert meta["stage"] == "grpo" and "grpo" in meta["recipe"]

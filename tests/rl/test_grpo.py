@@ -1,0 +1,154 @@
+"""GRPO through TRL's GRPOTrainer(environment_factory=...) on the real medgym tools, with a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+GRPO_SEEDS = [2000, 2001]  # SFT cases whose expert starts with segment (an image-returning tool)
+
+
+def _args(tmp_path, **kw):
+    from medgym.rl.config import GRPOConfigMedgym
+
+    cfg = GRPOConfigMedgym(
+        output_dir=str(tmp_path / "grpo"),
+        train_seeds=[2000, 2],
+        max_steps=kw.pop("max_steps", 2),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=192,
+        max_tool_calling_iterations=3,
+        learning_rate=1e-3,
+        temperature=1.0,
+        beta=0.0,
+        save_steps=0,
+    )
+    return cfg.trl_args(disable_tqdm=True, **kw)
+
+
+@pytest.fixture
+def trainer_parts(tiny_sft, tiny_source, tmp_path):
+    from medgym.rl.grpo import build_dataset
+    from medgym.rl.policy_model import load
+
+    folder, _, _ = tiny_sft
+    starts = [c.name for s in GRPO_SEEDS for c in tiny_source.case(s).expert_calls[:1]]
+    assert starts == ["segment", "segment"]
+    model, processor = load(folder)
+    model.train()
+    return (
+        model,
+        processor,
+        build_dataset(GRPO_SEEDS, "phantom", stages=["recognition", "measurement", "visual_reasoning"]),
+    )
+
+
+def test_dataset_rows_carry_case_and_reward_columns(trainer_parts):
+    _, _, dataset = trainer_parts
+    row = dataset[0]
+    assert row["case_seed"] == 2000 and row["source"] == "phantom"
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["images"][0].size == (128, 128)
+    assert {"answer", "answer_type", "choices", "tolerance", "abs_tolerance", "answer_box", "stage"} <= set(row)
+
+
+def test_rewards_count_only_tool_results_the_model_saw():
+    from medgym.rl.bridge import CallRecord, MedGymToolEnv
+    from medgym.rl.grpo import MedGymReward
+
+    env = MedGymToolEnv()
+    env.calls = [CallRecord("segment", {}, True, 1), CallRecord("measure", {}, True, 0)]
+    seen_one = [
+        {"role": "assistant", "content": "", "tool_calls": [{}]},
+        {"role": "tool", "content": "x"},
+        {"role": "assistant", "content": "<answer>yes</answer>"},
+    ]
+    dropped = [{"role": "assistant", "content": "<answer>yes</answer>"}]  # its tool result was rolled back
+    bonus = MedGymReward("tool_use")
+    cols = {"answer": ["yes", "yes"], "answer_type": ["yesno", "yesno"]}
+    assert bonus([seen_one, dropped], environments=[env, env], **cols) == [1.0, 0.0]
+    assert MedGymReward("answer")([seen_one, dropped], environments=[env, env], **cols) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown reward"):
+        MedGymReward("bogus")
+
+
+def test_list_image_fields_regression(trainer_parts, tmp_path):
+    """TRL 1.16 returns image fields as lists under environment_factory; split_pixel_values_by_grid then crashes.
+
+    It happens with the PIL image processor (what AutoProcessor picks without torchvision): its
+    arrays are not tensors, so TRL's merge keeps them as Python lists.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+    from trl import GRPOTrainer
+    from trl.data_utils import prepare_multimodal_messages
+    from trl.trainer.utils import split_pixel_values_by_grid
+
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    trainer = make_trainer(model, processor, dataset, _args(tmp_path))
+    fast = processor.image_processor
+    trainer.processing_class.image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size=dict(fast.size),
+        image_mean=fast.image_mean,
+        image_std=fast.image_std,
+    )
+    prompts = [prepare_multimodal_messages(row["prompt"], images=row["images"]) for row in dataset]
+    trainer._batch_environments = [None] * len(prompts)
+    _, _, fields = GRPOTrainer._tokenize_prompts(trainer, prompts)  # TRL's own
+    fields["num_images"] = [1, 1]
+    assert isinstance(fields["image_grid_thw"], list)
+    with pytest.raises(AttributeError, match="'list' object has no attribute 'prod'"):
+        split_pixel_values_by_grid(fields)
+    _, _, fixed = trainer._tokenize_prompts(prompts)  # the subclass
+    fixed["num_images"] = [1, 1]
+    split = split_pixel_values_by_grid(fixed)
+    assert [g.tolist() for g in split["image_grid_thw"]] == [[[1, 8, 8]], [[1, 8, 8]]]
+
+
+def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
+    from transformers import TrainerCallback
+
+    from medgym.environments.parsing import completion_text
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[tuple[int, int]] = []  # (image tokens, image features) of every forward with pictures
+    inner = model.model.get_placeholder_mask
+
+    def checked(input_ids, inputs_embeds, image_features=None, video_features=None):
+        if image_features is not None and input_ids is not None:
+            seen.append((int((input_ids == model.config.image_token_id).sum()), int(image_features.shape[0])))
+        return inner(input_ids, inputs_embeds, image_features=image_features, video_features=video_features)
+
+    model.model.get_placeholder_mask = checked
+    logs: list[dict] = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs_=None, **kwargs):
+            logs.append(dict(kwargs.get("logs") or logs_ or {}))
+
+    def length_signal(completions, **kwargs):
+        """A test-only reward that always differs within a group, so advantages (and gradients) are non-zero."""
+        return [len(completion_text(c)) / 100 for c in completions]
+
+    trainer = make_trainer(
+        model, processor, dataset, _args(tmp_path), callbacks=[Keep()], extra_rewards=[(length_signal, 0.1)]
+    )
+    trainer.train()
+
+    envs = trainer._environment_pool[None]
+    calls = [c for env in envs for c in env.calls]
+    assert calls, "no tool call was executed"
+    assert any(c.ok and c.n_images for c in calls), "no image-returning tool ran"
+    assert seen and all(t == f for t, f in seen)
+    assert max(t for t, _ in seen) > 16  # a forward saw the question picture *and* a tool picture
+    merged = {k: v for row in logs for k, v in row.items()}
+    assert "reward" in merged and "rewards/answer/mean" in merged and merged["tools/call_frequency"] > 0
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed
