@@ -24,7 +24,7 @@ from medgym.environments.phantom import (
 from medgym.environments.realdata.samples import SamplesSource
 from medgym.environments.realdata.segdir import SegDirSource
 from medgym.environments.realdata.vqa import VQASource
-from medgym.environments.templates import TEMPLATES, Request, Template, make_case
+from medgym.environments.templates import Request, Template, make_case, select_templates
 
 LESION_ORGANS = {
     "ct2d": ("liver", "spleen", "kidney_right", "kidney_left"),
@@ -60,14 +60,7 @@ class PhantomSource:
     name = "phantom"
 
     def __init__(self, size: int = 256, templates: list[str] | None = None, stages: list[str] | None = None):
-        unknown = set(templates or []) - set(TEMPLATES)
-        if unknown:
-            raise ValueError(f"unknown templates {sorted(unknown)}; choose from {sorted(TEMPLATES)}")
-        chosen = [TEMPLATES[t] for t in (templates or TEMPLATES)]
-        if stages:
-            chosen = [t for t in chosen if t.stage in stages]
-        if not chosen:
-            raise ValueError("no template left after filtering by stage")
+        chosen = select_templates(templates, stages)
         self.size = size
         self.by_stage = {s: [t for t in chosen if t.stage == s] for s in STAGES}
         self.by_stage = {s: ts for s, ts in self.by_stage.items() if ts}

@@ -590,3 +590,16 @@ TEMPLATES: dict[str, Template] = {
         Template("liver_size_class", "medical_reasoning", "mc", ABDOMEN, _liver_sized, build_size_class),
     )
 }
+
+
+def select_templates(templates: list[str] | None = None, stages: list[str] | None = None) -> list[Template]:
+    """Templates by name and stage (all when both are None); a clear error for none or unknown names."""
+    unknown = set(templates or []) - set(TEMPLATES)
+    if unknown:
+        raise ValueError(f"unknown templates {sorted(unknown)}; choose from {sorted(TEMPLATES)}")
+    chosen = [TEMPLATES[t] for t in (templates or TEMPLATES)]
+    if stages:
+        chosen = [t for t in chosen if t.stage in stages]
+    if not chosen:
+        raise ValueError("no template left after filtering by stage")
+    return chosen

@@ -38,7 +38,7 @@ from medgym.environments.realdata.longitudinal import (
     synthetic_followup,
     time_point_pairs,
 )
-from medgym.environments.templates import TEMPLATES, Template, make_case
+from medgym.environments.templates import Template, make_case, select_templates
 from medgym.tools.base import Study
 
 log = logging.getLogger(__name__)
@@ -178,14 +178,7 @@ class SegDirSource:
         layout = discover(self.root)
         if not layout.pairs:
             raise ValueError(ERR_NO_PAIRS.format(root=self.root))
-        unknown = set(templates or []) - set(TEMPLATES)
-        if unknown:
-            raise ValueError(f"unknown templates {sorted(unknown)}; choose from {sorted(TEMPLATES)}")
-        chosen = [TEMPLATES[t] for t in (templates or TEMPLATES)]
-        if stages:
-            chosen = [t for t in chosen if t.stage in stages]
-        if not chosen:
-            raise ValueError("no template left after filtering by stage")
+        chosen = select_templates(templates, stages)
         self.layout = layout
         self.pairs = layout.pairs
         self.by_name = {p.name: p for p in self.pairs}
