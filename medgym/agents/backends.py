@@ -411,8 +411,13 @@ class EmbeddedBackend:
             raise BackendUnavailable(ERR_NO_EMBEDDED.format(path=path))
         self.inner = TransformersBackend(path, device=device, max_new_tokens=max_new_tokens, model_id="embedded")
         self.model_id = "embedded"
+        meta_file = path / "medgym.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        self.system_prompt: str | None = meta.get("system_prompt")  # the text it was trained with
 
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
+        if self.system_prompt is not None:  # prompt it as it was trained, not with the env's generic text
+            messages = [{**m, "content": self.system_prompt} if m["role"] == "system" else m for m in messages]
         return self.inner.next_turn(messages, temperature=temperature)
 
 

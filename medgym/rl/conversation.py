@@ -4,7 +4,7 @@ One place decides how a case becomes chat messages, so the three paths cannot dr
 
 - the system message is ``prompts/system.jinja`` without its tool list (the chat template
   renders the tools, from the bridge's methods, in TRL's own format), plus a note on scaling;
-- the user turn holds the question image(s) first, then ``MedVQAEnv.question_text()``;
+- the user turn holds the question image(s) first, then ``environments.env.question_text(case)``;
 - a tool turn holds the tool's images, then ``"[name] text"`` -- exactly the env's observation text.
 
 Images are letterboxed into ``POLICY_IMAGE_SIZE`` squares (128 x 128: 16 image tokens with
@@ -22,7 +22,7 @@ from PIL import Image
 
 from medgym import prompts
 from medgym.environments.case import Case
-from medgym.environments.env import MedVQAEnv, letterbox
+from medgym.environments.env import letterbox, question_images, question_text
 from medgym.tools import ToolResult
 
 POLICY_IMAGE_SIZE = 128
@@ -48,17 +48,9 @@ def policy_image(img: np.ndarray, size: int = POLICY_IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(letterbox(arr.astype(np.uint8), size))
 
 
-_QUESTION_ENV: MedVQAEnv | None = None
-
-
 def question(case: Case) -> tuple[str, list[np.ndarray]]:
     """The env's question text and pictures for a case (no tool context is created)."""
-    global _QUESTION_ENV
-    if _QUESTION_ENV is None:
-        _QUESTION_ENV = MedVQAEnv(source="phantom", segmenter="threshold")
-    env = _QUESTION_ENV
-    env.case = case
-    return env.question_text(), env.question_images()
+    return question_text(case), question_images(case)
 
 
 def tool_text(name: str, result: ToolResult) -> str:

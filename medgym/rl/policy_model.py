@@ -281,6 +281,8 @@ def save(model, processor, out: str | Path, meta: dict[str, Any] | None = None) 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if meta is not None:
+        # The system text the policy was trained with travels with it, so the chat can prompt it the same way.
+        meta = {**meta, "system_prompt": system_message()}
         (out / "medgym.json").write_text(json.dumps(meta, indent=1))
     return out
 

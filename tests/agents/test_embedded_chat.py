@@ -16,8 +16,7 @@ def test_the_chat_finds_the_checkpoint_that_training_ships():
 def test_embedded_backend_runs_the_shipped_checkpoint_on_a_case_image():
     """Loading and generating through the chat's message format (images ride on the messages).
 
-    The chat sends the env's system prompt; the policy was trained on its own system text, so this
-    checks the plumbing, not the quality of its turns (see medgym train bench for that).
+    This checks the plumbing, not the quality of the policy's turns (see medgym train bench for that).
     """
     backend = EmbeddedBackend()
     case = PhantomSource().case(3)
@@ -28,3 +27,12 @@ def test_embedded_backend_runs_the_shipped_checkpoint_on_a_case_image():
     turn = backend.next_turn(messages, temperature=0.0)
     assert isinstance(turn, str) and turn.strip()
     assert backend.inner.model.config.model_type.startswith("qwen")
+
+
+def test_embedded_backend_prompts_the_policy_with_its_training_system_text(monkeypatch):
+    backend = EmbeddedBackend()
+    assert backend.system_prompt and "downscaled" in backend.system_prompt
+    seen = []
+    monkeypatch.setattr(backend.inner, "next_turn", lambda messages, temperature=0.0: seen.append(messages) or "x")
+    backend.next_turn([{"role": "system", "content": "generic", "images": []}, {"role": "user", "content": "q"}])
+    assert seen[0][0]["content"] == backend.system_prompt and seen[0][1]["content"] == "q"
