@@ -375,20 +375,22 @@ def build_tissue_at_point(volume: Study, rng: np.random.Generator) -> dict[str, 
 
 def _point_case(
     study: Study, rng: np.random.Generator, keep: Callable[[float], bool]
-) -> tuple[Study, tuple[int, int]] | None:
+) -> tuple[Study, tuple[int, int], float] | None:
+    """A study with a small 'roi' at a homogeneous point, its centre, and the roi's mean intensity."""
     points = homogeneous_points(study.plane(), keep)
     if not points:
         return None
     centre = points[int(rng.integers(len(points)))]
-    return with_roi(study, centre), centre
+    roi_study = with_roi(study, centre)
+    hu = mask_metrics(roi_study.structures["roi"], study.spacing, study.image)["mean_intensity"]
+    return roi_study, centre, hu
 
 
 def build_hu_at_point(study: Study, rng: np.random.Generator) -> dict[str, Any] | None:
     got = _point_case(study, rng, lambda v: -200.0 < v < 300.0)
     if got is None:
         return None
-    roi_study, centre = got
-    hu = mask_metrics(roi_study.structures["roi"], study.spacing, study.image)["mean_intensity"]
+    roi_study, centre, hu = got
     return {
         "study": roi_study,
         "question": f"What is the mean attenuation of {roi_text(centre)}?",
@@ -406,8 +408,7 @@ def build_window_shade(study: Study, rng: np.random.Generator) -> dict[str, Any]
     got = _point_case(study, rng, lambda v: far_from(v, (lo, hi), 20.0))
     if got is None:
         return None
-    roi_study, centre = got
-    hu = mask_metrics(roi_study.structures["roi"], study.spacing, study.image)["mean_intensity"]
+    roi_study, centre, hu = got
     shade = SHADES[0] if hu < lo else (SHADES[2] if hu > hi else SHADES[1])
     options, letter = choice(rng, shade, list(SHADES))
     return {
@@ -423,8 +424,7 @@ def build_density_at_point(study: Study, rng: np.random.Generator) -> dict[str, 
     got = _point_case(study, rng, lambda v: -300.0 < v < 400.0 and far_from(v, (-10.0, 20.0, 100.0), 8.0))
     if got is None:
         return None
-    roi_study, centre = got
-    hu = mask_metrics(roi_study.structures["roi"], study.spacing, study.image)["mean_intensity"]
+    roi_study, centre, hu = got
     options, letter = choice(rng, density_category(hu), list(DENSITY_CATEGORIES))
     return {
         "study": roi_study,
@@ -443,8 +443,7 @@ def build_denser_than_water(study: Study, rng: np.random.Generator) -> dict[str,
     got = _point_case(study, rng, lambda v: 30.0 < abs(v) < 900.0)
     if got is None:
         return None
-    roi_study, centre = got
-    hu = mask_metrics(roi_study.structures["roi"], study.spacing, study.image)["mean_intensity"]
+    roi_study, centre, hu = got
     return {
         "study": roi_study,
         "question": f"Is the tissue in {roi_text(centre)} denser than water, by the definition of the Hounsfield unit?",
