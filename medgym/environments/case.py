@@ -16,6 +16,15 @@ Stage = Literal["recognition", "measurement", "visual_reasoning", "medical_reaso
 AnswerType = Literal["mc", "yesno", "numeric", "box", "open"]
 
 
+def box_text(box: list[float]) -> str:
+    """A box as answers write it: whole pixels as integers, as tool texts print them.
+
+    >>> box_text([183.0, 86.0, 193.5, 94.0])
+    '[183, 86, 193.5, 94]'
+    """
+    return json.dumps([int(v) if float(v).is_integer() else round(float(v), 1) for v in box])
+
+
 @dataclass
 class ToolCall:
     name: str
@@ -51,7 +60,7 @@ class Case:
     def expert_answer(self) -> str:
         text = f"<answer>{self.answer}</answer>"
         if self.answer_box is not None:
-            text += "<box>" + json.dumps([round(v, 1) for v in self.answer_box]) + "</box>"
+            text += "<box>" + box_text(self.answer_box) + "</box>"
         return text
 
     def prompt(self) -> str:

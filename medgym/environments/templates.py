@@ -14,14 +14,13 @@ base (``tools/knowledge/passages.jsonl``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from medgym.environments.case import AnswerType, Case, Stage, ToolCall
+from medgym.environments.case import AnswerType, Case, Stage, ToolCall, box_text
 from medgym.tools.base import Study, mask_box, organ_names
 from medgym.tools.base import organ_of as base_organ_of
 from medgym.tools.measure import components, mask_metrics
@@ -212,7 +211,7 @@ def build_locate(study: Study, prior: Study | None, rng: np.random.Generator) ->
         return None
     return {
         "question": "Where is the lesion? Give its bounding box.",
-        "answer": json.dumps(box),
+        "answer": box_text(box),
         "answer_box": box,
         "calls": [segment_lesions(), zoom_on(study, box)],
     }

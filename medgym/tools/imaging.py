@@ -37,9 +37,7 @@ def display_window(plane: np.ndarray, modality: str = "CT") -> tuple[float, floa
     return WINDOW_PRESETS["soft_tissue"] if modality.upper() == "CT" else auto_window(plane)
 
 
-def to_display(
-    plane: np.ndarray, modality: str = "CT", window: tuple[float, float] | None = None
-) -> np.ndarray:
+def to_display(plane: np.ndarray, modality: str = "CT", window: tuple[float, float] | None = None) -> np.ndarray:
     """A 2D plane as an RGB uint8 picture, in ``window`` or its display window."""
     if plane.ndim == 3 and plane.shape[-1] == 3 and plane.dtype == np.uint8:
         return plane

@@ -28,7 +28,6 @@ and draws the rest (points, thresholds, choice order) from a generator seeded by
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medgym.environments.case import AnswerType, Case, Stage, ToolCall
+from medgym.environments.case import AnswerType, Case, Stage, ToolCall, box_text
 from medgym.environments.realdata.loaders import load_study, read_image
 from medgym.environments.templates import DENSITY_CATEGORIES, choice, density_category, far_from, fmt, make_case
 from medgym.tools.base import Study, mask_box
@@ -291,7 +290,7 @@ def build_largest_nucleus_box(study: Study, rng: np.random.Generator) -> dict[st
     box = [float(v) for v in mask_box(nuclei(study)[0])]
     return {
         "question": "Where is the largest nucleus? Give its bounding box.",
-        "answer": json.dumps(box),
+        "answer": box_text(box),
         "answer_box": box,
         "calls": [ToolCall("segment", {"structure": "nuclei"})],
     }
