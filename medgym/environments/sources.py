@@ -7,6 +7,7 @@ choice order) is drawn from it, so a seed names a case.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -104,6 +105,28 @@ class PhantomSource:
         stage = stages[int(rng.integers(len(stages)))]
         pool = self.by_stage[stage]
         return pool[int(rng.integers(len(pool)))]
+
+
+class CaseRange(Sequence[Case]):
+    """Cases ``first .. first + count - 1`` of a source, made when indexed (nothing held in memory).
+
+    >>> cases = CaseRange(PhantomSource(), 1000, 3)
+    >>> len(cases), cases[2].seed
+    (3, 1002)
+    """
+
+    def __init__(self, source: TaskSource, first: int, count: int) -> None:
+        self.source, self.first, self.count = source, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if not -self.count <= i < self.count:
+            raise IndexError(f"case index {i} outside 0..{self.count - 1}")
+        return self.source.case(self.first + i % self.count)
 
 
 SOURCES = {"phantom": PhantomSource, "segdir": SegDirSource, "vqa": VQASource, "samples": SamplesSource}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ class CallRecord:
     arguments: dict[str, Any]
     ok: bool
     n_images: int
+    seconds: float = 0.0  # the tool's run plus turning its pictures into policy images
 
 
 def _plain_hint(hint: Any) -> Any:
@@ -93,11 +95,12 @@ class MedGymToolEnv:
     def reset(self, **row: Any) -> None:
         """Start a rollout on the row's case; the prompt already holds the question, so nothing is appended."""
         source = str(row.get("source") or "phantom")
+        stages = tuple(row.get("stages") or ())  # a stage-restricted source draws other cases per seed
         if "case_seed" not in row:
             raise ValueError("a GRPO dataset row needs a 'case_seed' column naming its case")
-        if source not in self._sources:
-            self._sources[source] = make_source(source)
-        self.case = self._sources[source].case(int(row["case_seed"]))
+        if (source, stages) not in self._sources:
+            self._sources[source, stages] = make_source(source, **({"stages": list(stages)} if stages else {}))
+        self.case = self._sources[source, stages].case(int(row["case_seed"]))
         self.ctx = ToolContext(study=self.case.study, prior=self.case.prior, segmenter=self.segmenter)
         self.calls = []
         return None
@@ -109,9 +112,15 @@ class MedGymToolEnv:
     def _call(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]] | str:
         if self.ctx is None:
             raise RuntimeError("reset() the environment before calling its tools")
+        t0 = time.perf_counter()
         result = run_tool(TOOLS, name, arguments, self.ctx)
         pictures = [policy_image(img, self.image_size) for img in result.images[: self.max_images]]
-        self.calls.append(CallRecord(name=name, arguments=dict(arguments), ok=not result.error, n_images=len(pictures)))
+        seconds = time.perf_counter() - t0
+        self.calls.append(
+            CallRecord(
+                name=name, arguments=dict(arguments), ok=not result.error, n_images=len(pictures), seconds=seconds
+            )
+        )
         text = tool_text(name, result)
         if not pictures:
             return text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from medgym.rl.bench import run_bench
+    from medgym.rl.bench import bench_table, run_bench
 
     named = {}
     for item in args.checkpoint or ["embedded=embedded"]:
@@ -65,7 +66,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"medgym train bench: --checkpoint takes NAME=PATH, got {item!r}")
         named[name] = path
-    print(json.dumps(run_bench(named, n=args.n, seed=args.seed, progress=not args.quiet), indent=1))
+    bench = run_bench(named, n=args.n, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(bench, indent=1))
+        (out / "bench.md").write_text(bench_table(bench) + "\n")
+    print(json.dumps(bench, indent=1))
+    print(bench_table(bench))
     return 0
 
 
@@ -96,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a checkpoint to compare (repeatable)")
     b.add_argument("--n", type=int, default=30, help="held-out cases")
     b.add_argument("--seed", type=int, default=0, help="first held-out case seed")
+    b.add_argument("--out", help="folder for bench.json and bench.md (the Markdown table)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from medgym.environments.case import STAGES
 from medgym.rl.policy_model import EMBEDDED_SIZES
 
 
@@ -75,6 +76,10 @@ class SFTConfig(CommonConfig):
     learning_rate: float = _help("Peak AdamW learning rate (cosine decay, short warmup).", default=1e-3)
     grad_accum: int = _help("Conversations per optimizer step (batch 1, accumulated).", default=4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    tools: bool = _help(
+        "Train on expert tool conversations (true) or on direct answers from the image: the no-tools baseline.",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +115,9 @@ class GRPOConfigMedgym(CommonConfig):
     beta: float = _help(
         "KL coefficient against the starting model (0 disables the reference model and KL).", default=0.02
     )
+    stages: list[str] = _help(
+        "Draw training cases from these stages only (empty: all four), e.g. [measurement].", default_factory=list
+    )
     logging_steps: int = _help("Log metrics every N steps.", default=1)
     bf16: bool | None = _help(
         "bf16 training; default: on with a CUDA GPU, off on CPU (bf16 is 4-5x slower there).", default=None
@@ -138,6 +146,9 @@ class GRPOConfigMedgym(CommonConfig):
             raise ValueError("vllm_mode must be 'colocate' or 'server'")
         if self.beta < 0:
             raise ValueError("beta must be >= 0")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; choose from {list(STAGES)}")
         if self.use_vllm:
             import torch
 

@@ -15,6 +15,7 @@ TRL's own trainer.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,23 @@ class MedGymGRPOTrainer(GRPOTrainer):
                 fields[key] = torch.as_tensor(np.asarray(value))
         return prompt_ids, images, fields
 
+    def _generate(self, prompts: list):
+        """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds`` and their ratio."""
+        tool_before = _tool_seconds(self.environments)
+        t0 = time.perf_counter()
+        out = super()._generate(prompts)
+        rollout = time.perf_counter() - t0
+        tools = _tool_seconds(self.environments) - tool_before
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["timing/rollout_seconds"].append(rollout)
+        self._metrics[mode]["timing/tool_seconds"].append(tools)
+        self._metrics[mode]["timing/tool_share"].append(tools / rollout if rollout > 0 else 0.0)
+        return out
+
+
+def _tool_seconds(environments: list[MedGymToolEnv] | None) -> float:
+    return sum(c.seconds for env in environments or [] for c in env.calls)
+
 
 def tool_turns(completion: Any) -> int:
     """How many tool results a (conversational) completion holds."""
@@ -83,8 +101,8 @@ def reward_functions(names: list[str] | None = None) -> tuple[list[MedGymReward]
     return [MedGymReward(n) for n in names], [float(REWARD_WEIGHTS[n]) for n in names]
 
 
-def case_row(case: Case) -> dict[str, Any]:
-    """A dataset row: prompt, question pictures, case id and reward columns."""
+def case_row(case: Case, stages: list[str] | None = None) -> dict[str, Any]:
+    """A dataset row: prompt, question pictures, case id (seed, source, stages drawn from) and reward columns."""
     messages, images = prompt_messages(case)
     columns = case.reward_columns()
     return {
@@ -92,6 +110,7 @@ def case_row(case: Case) -> dict[str, Any]:
         "images": images,
         "case_seed": case.seed,
         "source": case.source,
+        "stages": list(stages or []),
         "answer": columns["answer"],
         "answer_type": columns["answer_type"],
         "choices": list(columns["choices"]),
@@ -102,18 +121,19 @@ def case_row(case: Case) -> dict[str, Any]:
     }
 
 
-def build_dataset(seeds: list[int], source: str = "phantom", **source_kwargs: Any):
-    """A ``datasets.Dataset`` of cases for GRPO."""
+def build_dataset(seeds: list[int], source: str = "phantom", stages: list[str] | None = None):
+    """A ``datasets.Dataset`` of cases for GRPO, optionally from some stages only."""
     from datasets import Dataset, Features, Image, List, Value
 
-    src = make_source(source, **source_kwargs)
-    rows = [case_row(src.case(s)) for s in seeds]
+    src = make_source(source, **({"stages": stages} if stages else {}))
+    rows = [case_row(src.case(s), stages) for s in seeds]
     features = Features(
         {
             "prompt": List({"role": Value("string"), "content": Value("string")}),
             "images": List(Image()),
             "case_seed": Value("int64"),
             "source": Value("string"),
+            "stages": List(Value("string")),
             "answer": Value("string"),
             "answer_type": Value("string"),
             "choices": List(Value("string")),

@@ -305,11 +305,13 @@ def load(path: str | Path):
 # ------------------------------------------------------------------ runtime
 
 
-def generate_turn(model, processor, messages: list[dict[str, Any]], max_new_tokens: int = 96) -> str:
+def generate_turn(
+    model, processor, messages: list[dict[str, Any]], max_new_tokens: int = 96, tools: bool = True
+) -> str:
     """One greedy assistant turn for a multimodal conversation (tools rendered as in training)."""
     inputs = processor.apply_chat_template(
         messages,
-        tools=tool_schemas_cached(),
+        tools=tool_schemas_cached() if tools else None,
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,
@@ -340,6 +342,7 @@ class EmbeddedPolicy:
         meta_file = self.path / "medgym.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         self.model_id = str(meta.get("model_id", f"embedded:{self.path.name}"))
+        self.tools = bool(meta.get("tools", True))  # a no-tools baseline is prompted without the tool list
         self.max_new_tokens = max_new_tokens
         self.max_images = max_images
         self.messages: list[dict[str, Any]] = []
@@ -355,7 +358,7 @@ class EmbeddedPolicy:
             raise RuntimeError("reset() the policy with a case before act()")
         if self.messages[-1]["role"] == "assistant":
             self._add_observation(observation)
-        text = generate_turn(self.model, self.processor, self.messages, self.max_new_tokens)
+        text = generate_turn(self.model, self.processor, self.messages, self.max_new_tokens, tools=self.tools)
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         return text
 

@@ -42,7 +42,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    from medgym.environments.sources import make_source
+    from medgym.environments.sources import CaseRange, make_source
     from medgym.rl.policy_model import build_model, build_processor, load, n_parameters, save
     from medgym.rl.sft import train_sft
 
@@ -65,16 +65,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
         model = build_model(processor, cfg.size, cfg.seed)
     source = make_source(cfg.source)
     first, count = cfg.train_seeds
-    cases = [source.case(s) for s in range(first, first + count)]
     result = train_sft(
         model,
         processor,
-        cases,
+        CaseRange(source, first, count),
         epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         grad_accum=cfg.grad_accum,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
+        with_tools=cfg.tools,
         out_dir=out,
         save_steps=cfg.save_steps,
         resume=latest is not None,
@@ -82,8 +82,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
         progress=progress,
     )
     meta = {
-        "model_id": f"embedded-{cfg.size}-sft",
+        "model_id": f"embedded-{cfg.size}-sft" + ("" if cfg.tools else "-notools"),
         "stage": "sft",
+        "tools": cfg.tools,
         "parameters": n_parameters(model),
         "recipe": {**start_recipe, f"sft{len(start_recipe) + 1 if start_recipe else ''}": to_dict(cfg)},
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -114,17 +115,31 @@ def run_grpo(cfg: GRPOConfigMedgym, resume: bool = False, progress: bool = True)
     start_meta_file = start / "medgym.json"
     start_meta = json.loads(start_meta_file.read_text()) if start_meta_file.exists() else {}
     first, count = cfg.train_seeds
-    dataset = build_dataset(list(range(first, first + count)), cfg.source)
+    dataset = build_dataset(list(range(first, first + count)), cfg.source, cfg.stages or None)
 
     class _Log(TrainerCallback):
+        """Logged metrics to metrics.jsonl, with the wall time of the step just finished."""
+
+        step_started = step_seconds = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.step_started is not None:
+                self.step_seconds = time.perf_counter() - self.step_started
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                metrics.append({"step": state.global_step, **logs})
+            if logs and state.is_world_process_zero:  # one writer under `accelerate launch`
+                timing = {"step_seconds": self.step_seconds} if self.step_seconds is not None else {}
+                metrics.append({"step": state.global_step, **logs, **timing})
 
     trainer = make_trainer(model, processor, dataset, cfg.trl_args(disable_tqdm=not progress), cfg.segmenter, [_Log()])
     t0 = time.perf_counter()
     latest = _latest_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
+    if not trainer.accelerator.is_main_process:
+        return {"steps": trainer.state.global_step, "process": trainer.accelerator.process_index}
     recipe = dict(start_meta.get("recipe", {}))
     recipe["grpo"] = to_dict(cfg)
     meta = {
@@ -135,7 +150,11 @@ def run_grpo(cfg: GRPOConfigMedgym, resume: bool = False, progress: bool = True)
         "train_seconds": round(time.perf_counter() - t0, 1),
     }
     final = save(trainer.model, processor, out / "final", meta)
-    summary: dict[str, Any] = {"final": str(final), "steps": trainer.state.global_step}
+    summary: dict[str, Any] = {
+        "final": str(final),
+        "steps": trainer.state.global_step,
+        "processes": trainer.accelerator.num_processes,
+    }
     summary.update(_finish(metrics, GRPO_PANELS, "grpo.png"))
     if cfg.eval_seeds[1]:
         summary["eval"] = evaluate_checkpoint(final, cfg.source, cfg.eval_seeds, cfg.segmenter, progress)

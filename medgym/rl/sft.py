@@ -15,12 +15,13 @@ the mask would be shifted. Here the mask is found on the final token ids: every 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ def assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
     return mask
 
 
-def encode_conversation(processor, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any]:
+def encode_conversation(
+    processor, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     """Model inputs (batch of one: ids, pixels, grids, mm token types) and labels (-100 outside assistant turns) for one conversation."""
     enc = processor.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=False
@@ -90,6 +93,62 @@ def encode_conversation(processor, messages: list[dict[str, Any]], tools: list[d
     out = {k: v for k, v in enc.items() if k != "attention_mask"}
     out["labels"] = torch.where(mask, ids, torch.full_like(ids, -100))
     return out
+
+
+def direct_conversation(case: Case) -> list[dict[str, Any]]:
+    """The no-tools baseline's conversation: the question, then the expert's answer straight away."""
+    return [*multimodal_prompt(case), {"role": "assistant", "content": [{"type": "text", "text": case.expert_answer}]}]
+
+
+def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int:
+    """Length of the token prefix all examples share, cut back to a turn start (0 if none).
+
+    Every conversation opens with the same system text and tool list (about 730 of ~1000
+    tokens), so :func:`shared_prefix_loss` runs it once per group instead of once per example.
+    """
+    rows = [ex["input_ids"][0] for ex in examples]
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        diff = (r[:n] != rows[0][:n]).nonzero()
+        if len(diff):
+            n = int(diff[0])
+    starts = (rows[0][:n] == turn_start).nonzero()
+    # The cut must sit before a turn start so that no example has an image or label inside the prefix.
+    cut = int(starts[-1]) if len(starts) else 0
+    if any((ex["labels"][0, :cut] != -100).any() or (ex["mm_token_type_ids"][0, :cut] != 0).any() for ex in examples):
+        return 0
+    return cut
+
+
+def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> torch.Tensor:
+    """Mean next-token loss of the examples, running their common ``prefix`` tokens once.
+
+    The prefix's keys and values are computed once (with gradient) and reused by each example's
+    suffix; the suffix gets its multimodal RoPE positions from the whole sequence, so the loss
+    equals the full forward's (``tests/rl/test_sft.py`` checks losses and gradients).
+    """
+    from transformers import DynamicCache
+
+    if prefix == 0:
+        return sum(model(**ex).loss for ex in examples) / len(examples)
+    text_positions = torch.arange(prefix).view(1, 1, -1).expand(3, 1, -1)
+    cached = model.model.language_model(
+        input_ids=examples[0]["input_ids"][:, :prefix], position_ids=text_positions, use_cache=True
+    ).past_key_values
+    kv = [(layer.keys, layer.values) for layer in cached.layers]
+    total = torch.zeros(())
+    for ex in examples:
+        positions, _ = model.model.get_rope_index(
+            ex["input_ids"], ex["mm_token_type_ids"], image_grid_thw=ex.get("image_grid_thw")
+        )
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        suffix = {k: ex[k][:, prefix:] for k in ("input_ids", "mm_token_type_ids", "labels")}
+        images = {k: ex[k] for k in ("pixel_values", "image_grid_thw") if k in ex}
+        out = model(**suffix, **images, position_ids=positions[:, :, prefix:], past_key_values=cache, use_cache=True)
+        total = total + out.loss
+    return total / len(examples)
 
 
 @dataclass
@@ -103,7 +162,7 @@ class SFTResult:
 def train_sft(
     model,
     processor,
-    cases: list[Case],
+    cases: Sequence[Case],
     *,
     epochs: float = 1.0,
     learning_rate: float = 1e-3,
@@ -111,24 +170,35 @@ def train_sft(
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.05,
     seed: int = 0,
+    with_tools: bool = True,
     out_dir: str | Path | None = None,
     save_steps: int = 0,
     resume: bool = False,
     log_fn: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> SFTResult:
-    """Next-token loss on assistant tokens of the cases' expert conversations (batch 1, accumulated)."""
+    """Next-token loss on assistant tokens of the cases' conversations (groups of ``grad_accum``).
+
+    With tools, a case becomes its expert conversation (tool calls and real tool results);
+    without (``with_tools=False``, the no-tools baseline) the question is answered directly.
+    Conversations are built when drawn, so ``cases`` may be a lazy sequence of thousands
+    (:class:`medgym.environments.sources.CaseRange`) without holding their pictures in memory.
+    """
     from tqdm import tqdm
 
     from medgym.rl.policy_model import tool_schemas_cached
 
-    tools = tool_schemas_cached()
-    examples = []
+    tools = tool_schemas_cached() if with_tools else None
     env = MedGymToolEnv()
-    for case in tqdm(cases, desc="sft data", unit="case", disable=not progress):
-        messages, _ = expert_conversation(case, env)
-        examples.append(encode_conversation(processor, messages, tools))
-    total_steps = max(1, math.ceil(len(examples) * epochs / grad_accum))
+    turn_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    @functools.lru_cache(maxsize=64)  # small case lists (tests, demos) are encoded once
+    def example(index: int) -> dict[str, Any]:
+        case = cases[index]
+        messages = expert_conversation(case, env)[0] if with_tools else direct_conversation(case)
+        return encode_conversation(processor, messages, tools)
+
+    total_steps = max(1, math.ceil(len(cases) * epochs / grad_accum))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -139,6 +209,7 @@ def train_sft(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     start_step = 0
+    loss_value = float("nan")
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is not None:
         state_file = _latest_state(out)
@@ -148,37 +219,34 @@ def train_sft(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_step = int(state["step"])
+            loss_value = float(state.get("loss", float("nan")))
             log.info("resumed SFT from %s at step %d", state_file, start_step)
     rng = random.Random(seed)
-    order = [i for _ in range(math.ceil(epochs) + 1) for i in rng.sample(range(len(examples)), len(examples))]
+    order = [i for _ in range(math.ceil(epochs) + 1) for i in rng.sample(range(len(cases)), len(cases))]
     model.train()
     t0 = time.perf_counter()
-    loss_value = float("nan")
     bar = tqdm(range(start_step, total_steps), desc="sft", unit="step", disable=not progress)
     for step in bar:
         optimizer.zero_grad()
-        losses = []
-        for k in range(grad_accum):
-            ex = examples[order[(step * grad_accum + k) % len(order)]]
-            loss = model(**ex).loss / grad_accum
-            loss.backward()
-            losses.append(loss.item() * grad_accum)
+        group = [example(order[(step * grad_accum + k) % len(order)]) for k in range(grad_accum)]
+        loss = shared_prefix_loss(model, group, shared_prefix_length(group, turn_start))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        loss_value = sum(losses) / len(losses)
+        loss_value = float(loss.item())
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if log_fn is not None:
             log_fn({"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
         if out is not None and save_steps and ((step + 1) % save_steps == 0 or step + 1 == total_steps):
-            _save_state(out / f"checkpoint-{step + 1}", model, processor, optimizer, scheduler, step + 1)
+            _save_state(out / f"checkpoint-{step + 1}", model, processor, optimizer, scheduler, step + 1, loss_value)
     model.eval()
     return SFTResult(
         steps=total_steps, final_loss=loss_value, seconds=time.perf_counter() - t0, checkpoint=str(out) if out else None
     )
 
 
-def _save_state(folder: Path, model, processor, optimizer, scheduler, step: int) -> None:
+def _save_state(folder: Path, model, processor, optimizer, scheduler, step: int, loss: float) -> None:
     from medgym.rl.policy_model import save
 
     save(model, processor, folder)
@@ -188,6 +256,7 @@ def _save_state(folder: Path, model, processor, optimizer, scheduler, step: int)
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
+            "loss": loss,
         },
         folder / "trainer_state.pt",
     )
@@ -199,4 +268,13 @@ def _latest_state(out: Path) -> Path | None:
     return states[-1] if states else None
 
 
-__all__ = ["SFTResult", "assistant_mask", "encode_conversation", "expert_conversation", "train_sft"]
+__all__ = [
+    "SFTResult",
+    "assistant_mask",
+    "direct_conversation",
+    "encode_conversation",
+    "expert_conversation",
+    "shared_prefix_length",
+    "shared_prefix_loss",
+    "train_sft",
+]

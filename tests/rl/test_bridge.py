@@ -47,3 +47,21 @@ def test_tools_run_on_the_rows_case_and_return_images(tiny_source):
     assert env.tool_calls_ok == 2 and ok_calls_among_first(env, 1) == 1
     env.reset(case_seed=2001)
     assert env.calls == []
+
+
+def test_reset_rebuilds_the_prompted_case_from_a_stage_restricted_source():
+    from medgym.environments.sources import PhantomSource
+    from medgym.rl.bridge import MedGymToolEnv
+    from medgym.rl.grpo import case_row
+
+    stages = ["measurement"]
+    for seed in (5, 6, 7):
+        case = PhantomSource(stages=stages).case(seed)
+        row = case_row(case, stages)
+        env = MedGymToolEnv()
+        env.reset(**row)
+        assert env.case.question == case.question and env.case.answer == case.answer
+        assert env.case.stage == "measurement"
+    # Without the stages column the same seed names a case of the full mix, which differs here.
+    unrestricted = [PhantomSource().case(s).template for s in (5, 6, 7)]
+    assert unrestricted != [PhantomSource(stages=stages).case(s).template for s in (5, 6, 7)]

@@ -85,3 +85,29 @@ def test_grpo_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
     assert any("kl" in r for r in rows) and (run / "grpo.png").stat().st_size > 0
     meta = json.loads((run / "final" / "medgym.json").read_text())
     assert meta["stage"] == "grpo" and "grpo" in meta["recipe"]
+
+
+def test_grpo_runs_in_two_cpu_processes_under_accelerate_launch(tiny_sft, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without a GPU: two gloo ranks."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _, _ = tiny_sft
+    out = tmp_path / "grpo2"
+    cmd = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"),
+        *("--dynamo_backend", "no", "-m", "medgym.cli", "train", "grpo"),
+        *("--init_from", str(folder), "--output_dir", str(out), "--train_seeds", "[2000, 4]"),
+        *("--stages", "[recognition, measurement]"),  # no retrieve calls: no knowledge-base index to build
+        *("--max_steps", "1", "--save_steps", "0", "--per_device_train_batch_size", "2", "--num_generations", "2"),
+        *("--max_completion_length", "96", "--max_tool_calling_iterations", "1"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"processes": 2' in done.stdout and '"process": 1' in done.stdout  # both ranks ran; rank 0 wrote
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1]  # one writer: the step is logged once
+    assert (out / "final" / "model.safetensors").exists()

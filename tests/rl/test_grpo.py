@@ -150,5 +150,8 @@ def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
     assert max(t for t, _ in seen) > 16  # a forward saw the question picture *and* a tool picture
     merged = {k: v for row in logs for k, v in row.items()}
     assert "reward" in merged and "rewards/answer/mean" in merged and merged["tools/call_frequency"] > 0
+    assert merged["timing/rollout_seconds"] > 0 and 0 < merged["timing/tool_share"] < 1
+    tool_seconds = sum(c.seconds for c in calls)
+    assert tool_seconds > 0 and all(c.seconds >= 0 for c in calls)
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed

@@ -66,3 +66,50 @@ def test_random_model_does_not_call_tools(tiny_processor, tiny_source):
     model = build_model(tiny_processor, "tiny", seed=3)
     text = generate_turn(model, tiny_processor, multimodal_prompt(tiny_source.case(2000)), max_new_tokens=24)
     assert not parse_action(text).calls
+
+
+def test_shared_prefix_loss_equals_the_full_forward_in_loss_and_gradients(tiny_processor, tiny_source):
+    import torch
+
+    from medgym.rl.policy_model import build_model, tool_schemas_cached
+    from medgym.rl.sft import encode_conversation, expert_conversation, shared_prefix_length, shared_prefix_loss
+
+    model = build_model(tiny_processor, "tiny", seed=3)
+    group = [
+        encode_conversation(tiny_processor, expert_conversation(tiny_source.case(s))[0], tool_schemas_cached())
+        for s in (2040, 2041, 2042)
+    ]
+    start = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    prefix = shared_prefix_length(group, start)
+    assert prefix > 0.5 * min(ex["input_ids"].shape[1] for ex in group)  # system text and tools dominate
+    assert int(group[0]["input_ids"][0, prefix]) == start
+
+    def loss_and_grads(n: int):
+        model.zero_grad()
+        loss = shared_prefix_loss(model, group, n)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads(0)
+    shared_loss, shared_grads = loss_and_grads(prefix)
+    assert abs(full_loss - shared_loss) < 1e-5 * max(1.0, full_loss)
+    assert len(full_grads) == len(shared_grads)
+    for a, b in zip(full_grads, shared_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A labelled token inside the would-be prefix forbids sharing it.
+    broken = [dict(ex) for ex in group]
+    broken[1]["labels"] = broken[1]["labels"].clone()
+    broken[1]["labels"][0, 5] = 7
+    assert shared_prefix_length(broken, start) == 0
+
+
+def test_direct_conversation_trains_only_the_answer(tiny_processor, tiny_source):
+    from medgym.rl.sft import direct_conversation, encode_conversation
+
+    case = tiny_source.case(2043)
+    enc = encode_conversation(tiny_processor, direct_conversation(case), None)
+    labels = enc["labels"][0]
+    target = tiny_processor.tokenizer.decode(labels[labels != -100])
+    assert target.strip() == case.expert_answer + "<|im_end|>"
+    prompt = tiny_processor.tokenizer.decode(enc["input_ids"][0])
+    assert "<tools>" not in prompt and "[segment]" not in prompt  # no tool list, no tool turns
