@@ -99,10 +99,8 @@ class MedGymToolEnv:
         if "case_seed" not in row:
             raise ValueError("a GRPO dataset row needs a 'case_seed' column naming its case")
         if (source, stages) not in self._sources:
-            self._sources[source, stages] = make_source(source, **({"stages": list(stages)} if stages else {}))
-        self.case = self._sources[source, stages].case(int(row["case_seed"]))
-        self.ctx = ToolContext(study=self.case.study, prior=self.case.prior, segmenter=self.segmenter)
-        self.calls = []
+            self._sources[source, stages] = stage_source(source, list(stages))
+        start_case(self, self._sources[source, stages].case(int(row["case_seed"])))
         return None
 
     @property
@@ -127,6 +125,21 @@ class MedGymToolEnv:
         return [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": text}]
 
 
+def stage_source(source: str, stages: list[str] | None = None):
+    """The named task source, drawing only from ``stages`` when given (a seed then names another case)."""
+    return make_source(source, **({"stages": stages} if stages else {}))
+
+
+def start_case(env: MedGymToolEnv, case: Case) -> None:
+    """Point the environment's tools at ``case`` and forget earlier calls (what ``reset`` does once it has the case).
+
+    A module function, not a method: every public method of the environment becomes a tool.
+    """
+    env.case = case
+    env.ctx = ToolContext(study=case.study, prior=case.prior, segmenter=env.segmenter)
+    env.calls = []
+
+
 def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
     """Successful calls among the first ``k`` of a rollout (the ones whose results the model actually saw).
 
@@ -138,4 +151,4 @@ def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
 for _name, _spec in TOOLS.items():
     setattr(MedGymToolEnv, _name, tool_method(_spec))
 
-__all__ = ["CallRecord", "MedGymToolEnv", "ok_calls_among_first", "tool_method"]
+__all__ = ["CallRecord", "MedGymToolEnv", "ok_calls_among_first", "stage_source", "start_case", "tool_method"]

@@ -25,8 +25,7 @@ from trl.trainer.utils import split_pixel_values_by_grid  # noqa: F401  (re-expo
 
 from medgym.environments.case import Case
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
-from medgym.environments.sources import make_source
-from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first
+from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
 from medgym.rl.conversation import prompt_messages
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ def build_dataset(seeds: list[int], source: str = "phantom", stages: list[str] |
     """A ``datasets.Dataset`` of cases for GRPO, optionally from some stages only."""
     from datasets import Dataset, Features, Image, List, Value
 
-    src = make_source(source, **({"stages": stages} if stages else {}))
+    src = stage_source(source, stages)
     rows = [case_row(src.case(s), stages) for s in seeds]
     features = Features(
         {

@@ -68,17 +68,16 @@ def run_quickstart(
     _write_cases(out / "cases" / "heldout", HELDOUT_FIRST, n_eval, progress)
     lap("cases", s)
 
+    def held_out(path: str | Path, name: str) -> dict[str, Any]:
+        s = time.perf_counter()
+        ev = evaluate(
+            EmbeddedPolicy(path), n=n_eval, seed=HELDOUT_FIRST, out=out / name, progress=progress, segmenter="threshold"
+        )
+        lap(name, s)
+        return ev
+
     start = resolve_checkpoint(checkpoint)
-    s = time.perf_counter()
-    before = evaluate(
-        EmbeddedPolicy(start),
-        n=n_eval,
-        seed=HELDOUT_FIRST,
-        out=out / "eval_before",
-        progress=progress,
-        segmenter="threshold",
-    )
-    lap("eval_before", s)
+    before = held_out(start, "eval_before")
 
     s = time.perf_counter()
     cfg = GRPOConfigMedgym(
@@ -96,16 +95,7 @@ def run_quickstart(
     grpo = run_grpo(cfg, progress=progress)
     lap("grpo", s)
 
-    s = time.perf_counter()
-    after = evaluate(
-        EmbeddedPolicy(grpo["final"]),
-        n=n_eval,
-        seed=HELDOUT_FIRST,
-        out=out / "eval_after",
-        progress=progress,
-        segmenter="threshold",
-    )
-    lap("eval_after", s)
+    after = held_out(grpo["final"], "eval_after")
 
     png = _plot(out / "summary.png", before, after, grpo.get("metrics"))
     summary = {

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from medgym.environments.case import Case
-from medgym.rl.bridge import MedGymToolEnv
+from medgym.rl.bridge import MedGymToolEnv, start_case
 from medgym.rl.conversation import multimodal_prompt
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 def expert_conversation(case: Case, env: MedGymToolEnv | None = None) -> tuple[list[dict[str, Any]], int]:
     """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures."""
     env = env or MedGymToolEnv()
-    env.reset(case_seed=case.seed, source=case.source)
-    env.case = case  # the very case given (it may not come from a seed)
-    env.ctx.study, env.ctx.prior = case.study, case.prior  # type: ignore[union-attr]
+    start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
     messages = multimodal_prompt(case)
     for call in case.expert_calls:
         messages.append(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,13 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
+def _keyed_cells(
+    scores: Sequence[dict[str, Any]], group: str, key: str, cell: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """One cell per file for ``score[group][key]`` (a stage, a tool), ``-`` where a file has none."""
+    return [cell(s[group][key]) if key in s[group] else "-" for s in scores]
+
+
 def table_rows(scores: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per file) for the side-by-side table."""
     rows: list[tuple[str, list[str]]] = [
@@ -223,17 +230,8 @@ def table_rows(scores: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     ]
     stages = list(dict.fromkeys(st for s in scores for st in s["by_stage"]))
     for st in stages:
-        rows.append(
-            (
-                f"  {st}",
-                [
-                    f"{_fmt(s['by_stage'][st]['accuracy'], pct=True)} (n={s['by_stage'][st]['n']})"
-                    if st in s["by_stage"]
-                    else "-"
-                    for s in scores
-                ],
-            )
-        )
+        cell = _keyed_cells(scores, "by_stage", st, lambda v: f"{_fmt(v['accuracy'], pct=True)} (n={v['n']})")
+        rows.append((f"  {st}", cell))
     rows.append(("mean IoU", [_fmt(s["mean_iou"]) for s in scores]))
     rows.append(
         (
@@ -244,17 +242,8 @@ def table_rows(scores: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     rows.append(("steps per episode", [_fmt(s["steps"]["mean"]) for s in scores]))
     rows.append(("tool calls", [_fmt(s["tool_calls"]) for s in scores]))
     for name in sorted({n for s in scores for n in s["tools"]}):
-        rows.append(
-            (
-                f"  {name} calls / failed",
-                [
-                    f"{s['tools'][name]['calls']} / {_fmt(s['tools'][name]['failure_rate'], pct=True)}"
-                    if name in s["tools"]
-                    else "-"
-                    for s in scores
-                ],
-            )
-        )
+        cell = _keyed_cells(scores, "tools", name, lambda v: f"{v['calls']} / {_fmt(v['failure_rate'], pct=True)}")
+        rows.append((f"  {name} calls / failed", cell))
     rows.append(("format errors", [_fmt(s["format_errors"]) for s in scores]))
     rows.append(("truncated", [_fmt(s["truncated"]) for s in scores]))
     rows.append(("mean reward", [_fmt(s["mean_reward"]) for s in scores]))

@@ -17,17 +17,8 @@ from medgym.agents.backends import QWEN_VL_TOOL_TEMPLATE, TransformersBackend
 from medgym.agents.graph import ERR_BUDGET, AgentContext
 from medgym.agents.session import ChatAgent
 from medgym.environments.parsing import ERR_BOTH, ERR_BOX, ERR_CALL_JSON, ERR_CALL_SHAPE, ERR_EMPTY, ERR_MANY_ANSWERS
+from medgym.rl.policy_model import SPECIAL_TOKENS
 from medgym.tools import TOOLS
-
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def tiny_model_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     corpus = [
         system_prompt(),
@@ -60,7 +51,7 @@ def tiny_model_dir(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     try:
         processor = Qwen2VLProcessor(
