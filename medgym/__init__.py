@@ -1,11 +1,25 @@
-"""medgym: agents that think with medical images: tools, tasks, environments, training, traces."""
+"""medgym: agents that think with medical images: tools, tasks, environments, training, traces.
+
+``import medgym`` registers the Gymnasium environment ``medgym/MedVQA-v0`` (as ``import ale_py``
+registers its games): ``gym.make("medgym/MedVQA-v0")`` works after it. The entry point is a
+string, so nothing heavy is imported until an env is made.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium
+
 __version__ = "0.1.0"
 
-# The shipped embedded policy (safetensors + processor), written by `medgym train`; package data.
-# Named here so the chat (agents) and training (rl) find the same folder without importing each other.
-EMBEDDED_POLICY_DIR = Path(__file__).parent / "rl" / "checkpoints" / "embedded"
+# The shipped embedded policies (safetensors + processor), written by `medgym train`; package data.
+# Named here so the chat (agents) and training (rl) find the same folders without importing each other.
+CHECKPOINTS_DIR = Path(__file__).parent / "rl" / "checkpoints"
+EMBEDDED_POLICY_DIR = CHECKPOINTS_DIR / "embedded"
+
+ENV_ID = "medgym/MedVQA-v0"
+MAX_EPISODE_STEPS = 8
+
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=ENV_ID, entry_point="medgym.environments.env:MedVQAEnv", max_episode_steps=MAX_EPISODE_STEPS)

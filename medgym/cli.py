@@ -44,41 +44,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_policy(name: str):
-    if name == "expert":
-        from medgym.environments.policies import ExpertPolicy
-
-        return ExpertPolicy()
-    if name == "embedded" or name.startswith("embedded:"):
-        from medgym.rl.policy_model import EmbeddedPolicy
-
-        path = name.partition(":")[2] or None  # embedded:PATH evaluates another checkpoint folder
-        try:
-            return EmbeddedPolicy(path)
-        except FileNotFoundError as exc:
-            raise SystemExit(f"medgym: {exc}") from None
-    raise SystemExit(f"medgym: unknown policy {name!r}; available here: expert, embedded, embedded:PATH")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from medgym.agents.backends import BackendUnavailable, make_policy
     from medgym.environments.evaluate import evaluate
 
+    try:
+        policy = make_policy(args.policy, tool_mode=args.tool_mode)
+    except BackendUnavailable as exc:
+        raise SystemExit(f"medgym eval: {exc}") from None
     summary = evaluate(
-        make_policy(args.policy),
+        policy,
         source=args.source,
         n=args.n,
         seed=args.seed,
         out=args.out,
         progress=not args.json,
         segmenter=args.segmenter,
+        tool_mode=args.tool_mode,
+        temperature=args.temperature,
     )
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['policy']} on {summary['n']} {summary['source']} cases: accuracy {summary['accuracy']:.3f}")
+        print(
+            f"{summary['policy']} on {summary['n']} {summary['source']} cases ({summary['tool_mode']} tools): "
+            f"accuracy {summary['accuracy']:.3f}"
+        )
         for stage, acc in summary["by_stage"].items():
             print(f"  {stage:<18} {acc:.3f}  (n={summary['n_by_stage'][stage]})")
-        print(f"  mean IoU {summary['mean_iou']}, tool calls {summary['tool_calls']}")
+        print(
+            f"  mean IoU {summary['mean_iou']}, tool calls {summary['tool_calls']}, "
+            f"format errors {summary['format_errors']}"
+        )
     return 0
 
 
@@ -107,7 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="run a policy on cases and report accuracy by stage")
-    e.add_argument("--policy", default="expert")
+    e.add_argument(
+        "--policy",
+        default="expert",
+        help="expert | embedded | embedded-sft | embedded:PATH | transformers:PATH | openai:MODEL@URL | demo",
+    )
+    e.add_argument(
+        "--tool-mode",
+        default="predicted",
+        choices=["predicted", "oracle"],
+        help="predicted: no tool reads ground truth (default); oracle: tools read it (an upper bound)",
+    )
+    e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     e.add_argument("--source", default="phantom")
     e.add_argument("--n", type=_positive, default=50)
     e.add_argument("--seed", type=int, default=0)

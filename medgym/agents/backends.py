@@ -1,23 +1,31 @@
-"""Planner backends: what writes the agent's next turn.
+"""Policies behind one protocol, and the specs that name them.
 
-Every backend has one method::
+Every policy has ``model_id`` and one method (:class:`medgym.environments.policies.Policy`)::
 
     next_turn(messages, *, temperature) -> str
 
-``messages`` is the conversation so far as plain dicts ``{"role", "content", "images", "name"}``:
-``role`` is ``system``, ``user``, ``assistant`` or ``tool``; ``images`` are RGB uint8 arrays
-(the question's pictures on the first user message, crops and overlays on tool messages).
-The returned text is a model turn in medgym's format — thoughts, then ``<tool_call>{...}</tool_call>``
-blocks or an ``<answer>`` — and is parsed by :func:`medgym.environments.parsing.parse_action`,
-exactly as the env parses it. Backends whose API returns structured tool calls (OpenAI) write
-them back in that format, so the loop has one parser.
+``messages`` are the contract's dicts (:mod:`medgym.environments.contract`): ``{"role", "content",
+"images", "name"}``, ``role`` one of ``system``, ``user``, ``assistant``, ``tool``; ``images`` RGB
+uint8 arrays (the question's pictures on the first user message, crops and overlays on tool
+messages). The returned text is a model turn in medgym's format — thoughts, then
+``<tool_call>{...}</tool_call>`` blocks or an ``<answer>`` — parsed by
+:func:`medgym.environments.parsing.parse_action`, as the env parses it. Backends whose API
+returns structured tool calls (OpenAI) write them back in that format, so there is one parser.
 
-- ``expert``: replays a case's expert trace (the env's ``ExpertPolicy`` turns);
+:func:`make_policy` reads the specs ``medgym eval --policy``, ``medgym chat/web --backend``,
+``medgym serve --policy`` and training all accept:
+
+- ``expert``: follows a case's expert trace (:class:`~medgym.environments.policies.ExpertPolicy`);
+- ``embedded`` / ``embedded-sft`` / ``embedded:PATH``: the project's own small policy, a checkpoint
+  shipped in the package (or at a path);
+- ``transformers:PATH``: any local image-text-to-text model folder (Qwen2.5-VL and the like);
+- ``openai:MODEL@URL`` (or ``openai:MODEL`` with ``$OPENAI_BASE_URL``): any OpenAI-compatible
+  chat-completions endpoint (vLLM, TGI, ``medgym serve``);
 - ``demo``: a *scripted demo*, not a model — zoom the centre, window, segment a centre box,
-  measure, answer with the measurement; for trying the chat on any image;
-- ``openai``: any OpenAI-compatible chat-completions endpoint (vLLM, TGI, ...);
-- ``transformers``: any local image-text-to-text model by path (Qwen2.5-VL and the like);
-- ``embedded``: the project's own small policy, loaded from a checkpoint shipped at a path.
+  measure, answer with the measurement; for trying the chat on any image.
+
+Tools reach a model only through ``tools=`` (chat template or OpenAI request), never pasted into
+the system text.
 """
 
 from __future__ import annotations
@@ -30,54 +38,37 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from medgym import EMBEDDED_POLICY_DIR
+from medgym import CHECKPOINTS_DIR, EMBEDDED_POLICY_DIR
 from medgym.environments.case import Case, ToolCall
-from medgym.environments.env import tool_schemas
+from medgym.environments.contract import DEFAULT_TOOL_MODE, Message, tool_schemas
 from medgym.environments.parsing import parse_action
+from medgym.environments.policies import ERR_EXPERT_NO_CASE, ExpertPolicy, Policy, turn_index
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, Any]
+PlannerBackend = Policy  # the agent graph's name for a policy
 
 DEMO_LABEL = "Scripted demo (not a model)"
 ERR_NO_EMBEDDED = (
     "The embedded policy is not available: no checkpoint at {path}. Train it with `medgym train` "
-    "(it writes the checkpoint there), or pass the path of a trained checkpoint with --checkpoint, "
-    "or choose another backend (--backend demo|expert|openai|transformers)."
+    "(it writes the checkpoint there), or pass the path of a trained checkpoint (embedded:PATH), "
+    "or choose another policy (expert, demo, transformers:PATH, openai:MODEL@URL)."
 )
-ERR_EXPERT_NO_CASE = (
-    "The expert backend follows a case's expert trace, and uploaded images have none. "
-    "Chat over a phantom case (--case-seed N), or use --backend demo for a scripted demo on any image."
+ERR_UNKNOWN_POLICY = (
+    "Unknown policy {spec!r}; write one of: expert, demo, embedded, embedded-sft, embedded:PATH, "
+    "transformers:PATH, openai:MODEL@URL."
 )
-ERR_UNKNOWN_BACKEND = "Unknown backend {name!r}; choose one of: {names}."
+ERR_NEEDS_PATH = "The {name} policy needs a model folder: write {name}:PATH."
+ERR_UNKNOWN_BACKEND = ERR_UNKNOWN_POLICY  # the chat's --backend takes the same specs
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend that cannot run here (missing checkpoint, no case for the expert); the message says why."""
-
-
-class PlannerBackend(Protocol):
-    """What the planner node calls for the next model turn."""
-
-    model_id: str
-
-    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str: ...
-
-
-def turn_index(messages: list[Message]) -> int:
-    """How many assistant turns the current question has had (messages after the last user question)."""
-    k = 0
-    for m in reversed(messages):
-        if m["role"] == "assistant":
-            k += 1
-        elif m["role"] == "user" and m.get("kind") == "question":
-            break
-    return k
+    """A policy that cannot run here (missing checkpoint, no case for the expert); the message says why."""
 
 
 def png_data_url(img: np.ndarray) -> str:
@@ -93,26 +84,13 @@ def calls_text(calls: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- scripted
 
 
-class ExpertBackend:
-    """Follows a case's expert trace: its calls one per turn, then its answer (the env's ExpertPolicy turns).
+class ExpertBackend(ExpertPolicy):
+    """The expert bound to a case; refuses to start without one (uploads have no expert trace)."""
 
-    Stateless: the turn to give is read from the conversation, so a resumed session goes on where it was.
-    A follow-up question on the same case replays the trace from its start.
-    """
-
-    model_id = "expert"
-
-    def __init__(self, case: Case | None):
+    def __init__(self, case: Case | None, tool_mode: str = DEFAULT_TOOL_MODE):
         if case is None:
             raise BackendUnavailable(ERR_EXPERT_NO_CASE)
-        from medgym.environments.policies import ExpertPolicy
-
-        policy = ExpertPolicy()
-        policy.reset(case)
-        self.turns = [policy.act() for _ in range(len(case.expert_calls) + 1)]
-
-    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
-        return self.turns[min(turn_index(messages), len(self.turns) - 1)]
+        super().__init__(case, tool_mode)
 
 
 _MASK_ID = re.compile(r"\b(mask_\d+):")
@@ -329,31 +307,52 @@ QWEN_VL_TOOL_TEMPLATE = (
 )
 
 
-def transformers_conversation(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """medgym messages -> (chat-template conversation with image placeholders, the images in order).
+def letterboxed(size: int) -> Callable[[np.ndarray], Image.Image]:
+    """A picture converter that letterboxes into ``size`` squares (how the embedded policy sees images)."""
+    from medgym.environments.env import letterbox
 
-    Tool results become user turns wrapped in ``<tool_response>`` (what Qwen's Hermes templates render
-    for the ``tool`` role), so templates without a tool role work too.
+    def convert(img: np.ndarray) -> Image.Image:
+        arr = np.asarray(img)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        return Image.fromarray(letterbox(arr.astype(np.uint8), size))
+
+    return convert
+
+
+def chat_conversation(
+    messages: list[Message], picture: Callable[[np.ndarray], Image.Image] | None = None
+) -> list[dict[str, Any]]:
+    """Contract messages -> a chat-template conversation: content parts, images in place (PIL).
+
+    ``tool`` messages stay ``tool`` turns with their images before the text (templates that drop
+    such images are what ``medgym check --model`` finds and repairs). Events the UI shows are left out.
     """
-    conversation, images = [], []
+    picture = picture or (lambda a: Image.fromarray(np.asarray(a, dtype=np.uint8)))
+    out: list[dict[str, Any]] = []
     for m in messages:
-        text = m["content"]
-        role = m["role"]
-        if role == "tool":
-            role, text = "user", f"<tool_response>\n{text}\n</tool_response>"
-        pics = m.get("images") or []
-        if pics:
-            parts: list[dict[str, Any]] = [{"type": "image"} for _ in pics]
-            parts.append({"type": "text", "text": text})
-            conversation.append({"role": role, "content": parts})
-            images += [Image.fromarray(p) for p in pics]
-        else:
-            conversation.append({"role": role, "content": text})
-    return conversation, images
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            continue
+        parts: list[dict[str, Any]] = [{"type": "image", "image": picture(p)} for p in m.get("images") or []]
+        parts.append({"type": "text", "text": m["content"]})
+        turn: dict[str, Any] = {"role": m["role"], "content": parts}
+        if m["role"] == "tool" and m.get("name"):
+            turn["name"] = m["name"]
+        out.append(turn)
+    return out
+
+
+def conversation_images(conversation: list[dict[str, Any]]) -> list[Image.Image]:
+    return [p["image"] for m in conversation for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
 
 
 class TransformersBackend:
-    """Any local image-text-to-text model by path, through its processor's chat template (tools included)."""
+    """Any local image-text-to-text model by path, through its processor's chat template and ``tools=``.
+
+    ``system_prompt`` replaces the system text (a checkpoint prompted as it was trained);
+    ``image_size`` letterboxes pictures into squares first (None: the processor resizes);
+    ``tools=False`` prompts without the tool list (a no-tools baseline).
+    """
 
     def __init__(
         self,
@@ -362,6 +361,10 @@ class TransformersBackend:
         max_new_tokens: int = 512,
         dtype: str = "auto",
         model_id: str | None = None,
+        system_prompt: str | None = None,
+        image_size: int | None = None,
+        tools: bool = True,
+        attn_implementation: str | None = None,
     ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -371,25 +374,50 @@ class TransformersBackend:
         if not getattr(self.processor, "chat_template", None):
             self.processor.chat_template = QWEN_VL_TOOL_TEMPLATE
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        torch_dtype: Any = torch.float32 if dtype == "auto" and self.device == "cpu" else dtype
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch_dtype, **kwargs).to(self.device).eval()
+        )
         self.max_new_tokens = max_new_tokens
         self.model_id = model_id or f"transformers:{Path(self.path).name}"
+        self.system_prompt = system_prompt
+        self.picture = letterboxed(image_size) if image_size else None
+        self.tools = tools
+
+    def conversation(self, messages: list[Message]) -> list[dict[str, Any]]:
+        """The chat-template conversation this model is prompted with."""
+        if self.system_prompt is not None:  # prompt it as it was trained
+            messages = [{**m, "content": self.system_prompt} if m["role"] == "system" else m for m in messages]
+        return chat_conversation(messages, self.picture)
+
+    def render(self, messages: list[Message]) -> str:
+        """The prompt text (what the model reads before generating), for parity checks and debugging."""
+        return self.processor.apply_chat_template(
+            self.conversation(messages),
+            tools=tool_schemas() if self.tools else None,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
 
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
         import torch
 
-        conversation, images = transformers_conversation(messages)
-        prompt = self.processor.apply_chat_template(
-            conversation, tools=tool_schemas(), add_generation_prompt=True, tokenize=False
-        )
-        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt").to(self.device)
+        inputs = self.processor.apply_chat_template(
+            self.conversation(messages),
+            tools=tool_schemas() if self.tools else None,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        ).to(self.device)
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
         new = out[0, inputs["input_ids"].shape[1] :]
-        return self.processor.decode(new, skip_special_tokens=True).strip()
+        return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def default_embedded_path() -> Path:
@@ -398,43 +426,95 @@ def default_embedded_path() -> Path:
     return Path(env) if env else EMBEDDED_POLICY_DIR
 
 
-class EmbeddedBackend:
-    """The project's own small policy: a transformers checkpoint at a path (written by ``medgym train``).
+EMBEDDED_IMAGE_SIZE = 128  # the embedded policy's pictures: 8 x 8 patches of 16 px, merged 2 x 2
+EMBEDDED_MAX_NEW_TOKENS = 96
 
-    Training lives in ``medgym.rl`` (never imported here); this backend only loads what training
-    saved (the shipped checkpoint by default), and says so clearly when there is nothing to load.
+
+def embedded_path(name_or_path: str | Path | None) -> Path:
+    """A shipped checkpoint by name (``embedded``, ``embedded-sft``) or a folder path."""
+    if name_or_path in (None, "", "embedded"):
+        return default_embedded_path()
+    candidate = CHECKPOINTS_DIR / str(name_or_path)
+    return candidate if str(name_or_path).startswith("embedded") and candidate.is_dir() else Path(name_or_path)
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    meta_file = Path(path) / "medgym.json"
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+class EmbeddedBackend(TransformersBackend):
+    """The project's own small policy: a checkpoint written by ``medgym train`` (the shipped one by default).
+
+    Training lives in ``medgym.rl`` (never imported here); this only loads what training saved and
+    prompts it as it was trained: its recorded system text, 128-px letterboxed pictures, the tool
+    list unless it is a no-tools baseline.
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str | None = None, max_new_tokens: int = 256):
-        path = Path(checkpoint) if checkpoint else default_embedded_path()
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+        max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS,
+    ):
+        path = embedded_path(checkpoint)
         if not (path / "config.json").is_file():
             raise BackendUnavailable(ERR_NO_EMBEDDED.format(path=path))
-        self.inner = TransformersBackend(path, device=device, max_new_tokens=max_new_tokens, model_id="embedded")
-        self.model_id = "embedded"
-        meta_file = path / "medgym.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        self.system_prompt: str | None = meta.get("system_prompt")  # the text it was trained with
-
-    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
-        if self.system_prompt is not None:  # prompt it as it was trained, not with the env's generic text
-            messages = [{**m, "content": self.system_prompt} if m["role"] == "system" else m for m in messages]
-        return self.inner.next_turn(messages, temperature=temperature)
-
-
-BackendFactory = Callable[..., PlannerBackend]
-BACKENDS: dict[str, BackendFactory] = {
-    "expert": lambda case=None, **_: ExpertBackend(case),
-    "demo": lambda **_: DemoBackend(),
-    "openai": lambda model="default", base_url=None, api_key=None, **_: OpenAIBackend(model, base_url, api_key),
-    "transformers": lambda model_path=None, device=None, **_: TransformersBackend(model_path, device=device),
-    "embedded": lambda checkpoint=None, device=None, **_: EmbeddedBackend(checkpoint, device=device),
-}
+        meta = checkpoint_meta(path)
+        super().__init__(
+            path,
+            device=device or "cpu",
+            max_new_tokens=max_new_tokens,
+            model_id=str(meta.get("model_id", f"embedded:{path.name}")),
+            system_prompt=meta.get("system_prompt"),
+            image_size=int(meta.get("image_size", EMBEDDED_IMAGE_SIZE)),
+            tools=bool(meta.get("tools", True)),
+            attn_implementation="eager",  # as trained; on a CPU eager is also the faster kernel at this size
+        )
+        self.meta = meta
 
 
-def make_backend(name: str, **options: Any) -> PlannerBackend:
-    """A backend by name; options a backend does not use are ignored (``case`` for expert, ``model`` for openai ...)."""
-    if name not in BACKENDS:
-        raise BackendUnavailable(ERR_UNKNOWN_BACKEND.format(name=name, names=", ".join(BACKENDS)))
-    if name == "transformers" and not options.get("model_path"):
-        raise BackendUnavailable("The transformers backend needs a model folder: pass --model PATH.")
-    return BACKENDS[name](**options)
+# ----------------------------------------------------------------------------- specs
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``name[:argument]`` (``openai:MODEL@URL`` keeps its URL's colons).
+
+    >>> parse_spec("openai:qwen@http://127.0.0.1:8000/v1")
+    ('openai', 'qwen@http://127.0.0.1:8000/v1')
+    >>> parse_spec("embedded")
+    ('embedded', '')
+    """
+    name, _, arg = spec.partition(":")
+    return name, arg
+
+
+def make_policy(spec: str, *, case: Case | None = None, tool_mode: str = DEFAULT_TOOL_MODE, **options: Any) -> Policy:
+    """A policy from its spec (see the module docstring); ``case`` binds the expert, other options go to the backend.
+
+    Legacy options still work: ``--backend transformers --model PATH`` (``model_path``), ``--backend openai
+    --model NAME --base-url URL``, ``--backend embedded --checkpoint PATH``.
+    """
+    name, arg = parse_spec(spec)
+    device = options.get("device")
+    if name == "expert" and not arg:
+        return ExpertBackend(case, tool_mode) if case is not None else ExpertPolicy(None, tool_mode)
+    if name == "demo" and not arg:
+        return DemoBackend()
+    if name in ("embedded", "embedded-sft"):
+        return EmbeddedBackend(arg or options.get("checkpoint") or name, device=device)
+    if name == "transformers":
+        path = arg or options.get("model_path")
+        if not path:
+            raise BackendUnavailable(ERR_NEEDS_PATH.format(name=name))
+        return TransformersBackend(path, device=device)
+    if name == "openai":
+        model, _, url = arg.partition("@")
+        model = model or options.get("model") or "default"
+        return OpenAIBackend(model, url or options.get("base_url"), options.get("api_key"))
+    raise BackendUnavailable(ERR_UNKNOWN_POLICY.format(spec=spec))
+
+
+def make_backend(name: str, **options: Any) -> Policy:
+    """The chat's name for :func:`make_policy` (``--backend`` takes the same specs)."""
+    return make_policy(name, **options)

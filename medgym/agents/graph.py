@@ -11,12 +11,13 @@
 - **planner** asks the backend (:mod:`medgym.agents.backends`) for the next turn and parses it with
   :func:`medgym.environments.parsing.parse_action`, the env's parser; a malformed turn gets the
   parser's error text back as a message the model can read;
-- **tools** runs the calls through :func:`medgym.tools.run_tool` on the registry ``TOOLS`` — the same
-  definitions the env uses — and feeds back their text *and* images; tool errors are messages;
+- **tools** runs the calls through :func:`medgym.environments.runner.run_calls` — the env's call
+  runner — and feeds back their text *and* images as the contract's tool messages; tool errors
+  are messages;
 - **finish** closes the question: budget note, an overlay of the masks and answer box on the image,
   the optional reliability index (N sampled runs), the score on case questions, and the trace.
 
-Per-run settings (backend, budget, temperature, segmenter, data folder) travel in the graph's
+Per-run settings (backend, budget, temperature, segmenter, tool mode, data folder) travel in the graph's
 runtime context (:class:`AgentContext`, LangGraph's ``context_schema``), never in globals.
 
 Checkpointable state. The state holds only JSON-like values, so LangGraph's ``SqliteSaver`` can
@@ -35,8 +36,6 @@ import logging
 import operator
 import os
 import threading
-import time
-import uuid
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from medgym.agents.backends import BackendUnavailable, PlannerBackend, make_backend
+from medgym.agents.backends import BackendUnavailable, PlannerBackend, make_policy
 from medgym.agents.reliability import agreement
 from medgym.agents.studies import (
     LoadedStudy,
@@ -56,25 +55,22 @@ from medgym.agents.studies import (
     question_images,
     question_text,
 )
-from medgym.environments.env import prompt_hash, system_prompt
+from medgym.environments.contract import DEFAULT_TOOL_MODE, check_tool_mode, limit_images, system_prompt, tool_messages
 from medgym.environments.parsing import parse_action
+from medgym.environments.policies import ERR_EXPERT_NO_CASE
+from medgym.environments.recorder import EpisodeRecorder, RunSettings, open_header
 from medgym.environments.rewards import score_parts, total_reward
-from medgym.tools import TOOLS, ToolContext, run_tool
+from medgym.environments.runner import run_calls
+from medgym.tools import ToolContext
 from medgym.tools.imaging import draw_overlay
-from medgym.traces import ImageStore, ToolCallRecord, TraceEpisode, TraceHeader, TraceStep, TraceWriter
+from medgym.traces import ImageStore, TraceWriter
 
 log = logging.getLogger(__name__)
 
-MAX_CALLS_PER_TURN = 8
 ERR_BUDGET = (
     "Stopped: the step budget of {budget} model turns was used up without an answer. "
     "Ask again, or raise the budget (--max-steps)."
 )
-ERR_TOO_MANY_CALLS = (
-    "Error: at most {limit} tool calls per turn; the {extra} call(s) after the first {limit} were not run. "
-    "Call them in the next turn."
-)
-ERR_TOOL_CRASHED = "Error: {name} failed unexpectedly ({details}). Try other arguments or another tool."
 ERR_BACKEND = "The planner backend failed: {details}"
 ERR_NO_QUESTION = "No question was asked. Send a question about the image."
 
@@ -109,14 +105,15 @@ def default_data_dir() -> Path:
 class AgentContext:
     """Per-run settings, passed as ``context=`` to ``invoke``/``stream`` (LangGraph runtime context)."""
 
-    backend: str | PlannerBackend = "demo"  # a backend object, or a name for make_backend
+    backend: str | PlannerBackend = "embedded"  # a policy object, or a spec for make_policy (see agents.backends)
     backend_options: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 8  # model turns per question before the run stops
     temperature: float = 0.0
     reliability_n: int = 0  # >1: also run this many sampled trajectories and report their agreement
     reliability_temperature: float = 0.7
-    segmenter: str = "threshold"
+    segmenter: str = "medsam"
     sam_checkpoint: str | None = None
+    tool_mode: str = DEFAULT_TOOL_MODE  # "predicted" (no tool reads ground truth) or "oracle" (upper bound)
     data_dir: str | None = None  # images/, uploads/ and traces.jsonl live here
     record: bool = True  # write a medgym trace per question to <data_dir>/traces.jsonl
     max_images: int = 8  # images shown to the model per turn (question images + the most recent ones)
@@ -126,6 +123,7 @@ class AgentContext:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.reliability_n > 1 and self.reliability_temperature <= 0:
             raise ValueError("reliability needs sampling: set reliability_temperature > 0")
+        check_tool_mode(self.tool_mode)
 
     @property
     def root(self) -> Path:
@@ -156,16 +154,23 @@ _TRACE_LOCK = threading.Lock()
 
 
 def resolve_backend(ctx: AgentContext, loaded: LoadedStudy) -> PlannerBackend:
-    """The backend object for this run: given directly, or made by name (cached unless it depends on the case)."""
+    """The policy for this run: given directly, or made from its spec (cached unless it depends on the case)."""
     if not isinstance(ctx.backend, str):
-        return ctx.backend
-    if ctx.backend == "expert":
-        return make_backend("expert", case=loaded.case)
-    key = ctx.backend + json.dumps(ctx.backend_options, sort_keys=True, default=str)
-    with _BACKENDS_LOCK:
-        if key not in _BACKENDS:
-            _BACKENDS[key] = make_backend(ctx.backend, **ctx.backend_options)
-        return _BACKENDS[key]
+        policy = ctx.backend
+    elif ctx.backend == "expert":
+        policy = make_policy("expert", case=loaded.case, tool_mode=ctx.tool_mode)
+    else:
+        key = ctx.backend + json.dumps(ctx.backend_options, sort_keys=True, default=str)
+        with _BACKENDS_LOCK:
+            if key not in _BACKENDS:
+                _BACKENDS[key] = make_policy(ctx.backend, tool_mode=ctx.tool_mode, **ctx.backend_options)
+            policy = _BACKENDS[key]
+    for_case = getattr(policy, "for_case", None)
+    if callable(for_case):  # a case-bound policy (the expert) given as an object
+        if loaded.case is None:
+            raise BackendUnavailable(ERR_EXPERT_NO_CASE)
+        policy = for_case(loaded.case)
+    return policy
 
 
 # ----------------------------------------------------------------------------- masks and images
@@ -197,6 +202,7 @@ def tool_context(state: AgentState, ctx: AgentContext, loaded: LoadedStudy) -> T
         masks=masks,
         segmenter=ctx.segmenter,
         sam_checkpoint=ctx.sam_checkpoint,
+        tool_mode=ctx.tool_mode,
     )
 
 
@@ -212,36 +218,20 @@ def question_index(messages: list[dict[str, Any]]) -> int:
     return 0
 
 
-def model_messages(messages: list[dict[str, Any]], store: ImageStore, max_images: int) -> list[dict[str, Any]]:
-    """What the backend sees: the system prompt, then the conversation with images loaded.
+def model_messages(
+    messages: list[dict[str, Any]], store: ImageStore, max_images: int, tool_mode: str = DEFAULT_TOOL_MODE
+) -> list[dict[str, Any]]:
+    """What the policy sees: the contract's system prompt, then the conversation with images loaded.
 
-    Event messages (results, notes for the user) are left out. The question's images are always
-    shown; beyond ``max_images`` only the most recent tool images are, older ones are named instead.
+    Event messages (results, notes for the user) are left out; the image budget is the contract's
+    (:func:`medgym.environments.contract.limit_images`).
     """
-    out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(), "images": []}]
-    visible = [m for m in messages if m["role"] in ("user", "assistant", "tool")]
-    first_q = next((i for i, m in enumerate(visible) if m.get("images")), None)
-    budget = max(0, max_images - (len(visible[first_q]["images"]) if first_q is not None else 0))
-    keep: set[tuple[int, int]] = set()
-    for i in range(len(visible) - 1, -1, -1):
-        if i == first_q:
+    out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(tool_mode), "images": []}]
+    for m in messages:
+        if m["role"] not in ("user", "assistant", "tool"):
             continue
-        for j in range(len(visible[i].get("images", [])) - 1, -1, -1):
-            if budget > 0:
-                keep.add((i, j))
-                budget -= 1
-    for i, m in enumerate(visible):
-        images, dropped = [], 0
-        for j, digest in enumerate(m.get("images", [])):
-            if i == first_q or (i, j) in keep:
-                images.append(store.get(digest))
-            else:
-                dropped += 1
-        content = m["content"] + (f"\n({dropped} earlier image(s) not shown again.)" if dropped else "")
-        out.append(
-            {"role": m["role"], "content": content, "images": images, "name": m.get("name"), "kind": m.get("kind")}
-        )
-    return out
+        out.append({**m, "images": [store.get(d) for d in m.get("images", [])]})
+    return limit_images(out, max_images)
 
 
 def _event(kind: str, content: str, **fields: Any) -> dict[str, Any]:
@@ -283,7 +273,7 @@ def intake(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         if not question and loaded.case is None:
             return {**reset, "status": "error", "messages": [_event("error", ERR_NO_QUESTION)]}
         images = [ctx.store.put(img) for img in question_images(loaded)]
-        text = question_text(loaded, question or None)
+        text = question_text(loaded, question or None, ctx.tool_mode)
     else:
         if not question:
             return {**reset, "status": "error", "messages": [_event("error", ERR_NO_QUESTION)]}
@@ -299,7 +289,7 @@ def planner(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]
         loaded = load_study(state["study"], ctx.uploads)
         backend = resolve_backend(ctx, loaded)
         text = backend.next_turn(
-            model_messages(state["messages"], ctx.store, ctx.max_images), temperature=ctx.temperature
+            model_messages(state["messages"], ctx.store, ctx.max_images, ctx.tool_mode), temperature=ctx.temperature
         )
     except (BackendUnavailable, UploadError) as exc:
         return {
@@ -348,47 +338,23 @@ def tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     tctx = tool_context(state, ctx, loaded)
     before = set(tctx.masks)
     q = sum(m.get("kind") == "question" for m in state["messages"])
-    calls = state.get("pending") or []
+    records, note = run_calls(state.get("pending") or [], tctx)
     out: list[dict[str, Any]] = []
-    for call in calls[:MAX_CALLS_PER_TURN]:
-        name, arguments = call["name"], call["arguments"]
-        start = time.perf_counter()
-        try:
-            result = run_tool(TOOLS, name, arguments, tctx)
-            text, images, data, error = result.text, result.images, result.data, result.error
-        except Exception as exc:  # a tool bug: the model and the user read it; the session goes on
-            log.exception("tool %s crashed", name)
-            text, images, data, error = (
-                ERR_TOOL_CRASHED.format(name=name, details=f"{type(exc).__name__}: {exc}"),
-                [],
-                {},
-                True,
-            )
-        seconds = round(time.perf_counter() - start, 6)
+    for r, m in zip(records, tool_messages(records), strict=True):
+        # Stored JSON-safe with images by hash; the trace record keeps the same fields.
+        rec = r.to_trace(ctx.store)
         out.append(
             {
-                "role": "tool",
-                "kind": "tool",
-                "name": str(name),
-                "arguments": _json_safe(arguments),
-                "content": f"[{name}] {text}",
-                "text": text,
-                "images": [ctx.store.put(img) for img in images],
-                "data": _json_safe(data),
-                "error": bool(error),
-                "seconds": seconds,
+                **m,
+                "arguments": rec.arguments,
+                "data": rec.data,
+                "images": rec.images,
+                "seconds": rec.seconds,
+                "tool_version": rec.tool_version,
             }
         )
-    if len(calls) > MAX_CALLS_PER_TURN:
-        extra = len(calls) - MAX_CALLS_PER_TURN
-        out.append(
-            {
-                "role": "user",
-                "kind": "format_error",
-                "content": ERR_TOO_MANY_CALLS.format(limit=MAX_CALLS_PER_TURN, extra=extra),
-                "images": [],
-            }
-        )
+    if note is not None:
+        out.append({"role": "user", "kind": "format_error", "content": note, "images": []})
     new_masks = {
         mid: {**encode_mask(ctx.store, tctx.masks[mid]), "question": q} for mid in tctx.masks if mid not in before
     }
@@ -498,49 +464,45 @@ def _reliability(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: 
 
 
 def _record(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: int, score: dict[str, Any] | None) -> None:
-    """Write this question as a medgym trace episode (header from the case, or a minimal 'upload' one)."""
+    """Write this question as a medgym trace through the one episode recorder.
+
+    The case's own question gets the case header (source spec, seed, study hash, segmenter, tool
+    mode), so ``medgym replay --verify`` rebuilds it as it does env traces; a free question is an
+    unscored 'open' one.
+    """
+    from medgym.traces import ToolCallRecord
+
     messages = state["messages"]
     writer = TraceWriter(ctx.root / "traces.jsonl")
     qmsg = messages[qi]
     case = loaded.case
+    ref = state["study"]
     first_image = next((m["images"][0] for m in messages if m.get("kind") == "question" and m.get("images")), None)
     model_id = next((m.get("model_id", "unknown") for m in messages[qi:] if m["role"] == "assistant"), "unknown")
-    common = {
-        "episode_id": uuid.uuid4().hex,
-        "question": qmsg["content"],
-        "image": first_image,
-        "model_id": model_id,
-        "prompt_hash": prompt_hash(),
-        "tool_versions": {name: spec.version for name, spec in TOOLS.items()},
-    }
+    phantom = ref.get("kind") == "phantom"
+    settings = RunSettings(
+        source_spec="phantom" if phantom else None,
+        source_config={"size": int(ref["size"])} if phantom and "size" in ref else {},
+        segmenter=ctx.segmenter,
+        sam_checkpoint=ctx.sam_checkpoint,
+        tool_mode=ctx.tool_mode,
+        model_id=model_id,
+    )
     if case is not None and _is_case_question(messages, qi, loaded):
-        header = TraceHeader(
-            source=case.source,
-            seed=case.seed,
-            case_id=case.case_id,
-            stage=case.stage,
-            template=case.template,
-            answer=case.answer,
-            answer_type=case.answer_type,
-            choices=case.choices,
-            answer_box=case.answer_box,
-            **common,
-        )
+        from medgym.environments.recorder import case_header
+
+        header = case_header(case, settings, qmsg["content"], first_image, None)
     else:
-        # No known answer: a chat question, recorded as a free-text ("open") question with an empty answer
-        # key, which marks it as unscored.
-        ref = state["study"]
-        header = TraceHeader(
+        header = open_header(
+            settings,
+            qmsg["content"],
+            first_image,
             source="upload" if ref.get("kind") == "upload" else str(ref.get("kind")),
-            seed=ref.get("seed"),
             case_id=loaded.name,
-            stage="chat",
-            template="chat",
-            answer="",
-            answer_type="open",
-            **common,
+            seed=ref.get("seed"),
+            study_hash=loaded.study.content_hash(),
         )
-    steps: list[TraceStep] = []
+    recorder = EpisodeRecorder(writer, header)
     for i, m in enumerate(messages[qi + 1 :], start=qi + 1):
         if m["role"] != "assistant":
             continue
@@ -554,7 +516,7 @@ def _record(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: int, 
             ToolCallRecord(
                 name=t["name"],
                 arguments=t.get("arguments") or {},
-                tool_version=TOOLS[t["name"]].version if t["name"] in TOOLS else None,
+                tool_version=t.get("tool_version"),
                 text=t.get("text", t["content"]),
                 data=t.get("data") or {},
                 images=t.get("images") or [],
@@ -564,27 +526,21 @@ def _record(state: AgentState, ctx: AgentContext, loaded: LoadedStudy, qi: int, 
             for t in following
             if t["role"] == "tool"
         ]
-        steps.append(
-            TraceStep(
-                index=len(steps),
-                model_text=m["content"],
-                calls=calls,
-                answer=action.answer if not action.calls else None,
-                box=action.box,
-                format_error=action.error,
-            )
+        recorder.add_step(
+            model_text=m["content"],
+            calls=calls,
+            answer=action.answer if not action.calls else None,
+            box=action.box,
+            format_error=action.error,
         )
-    episode = TraceEpisode(
-        header=header,
-        steps=steps,
-        final_answer=state.get("answer"),
-        final_box=state.get("box"),
-        score=(score or {}).get("parts", {}),
-        reward=(score or {}).get("reward", 0.0),
-        truncated=state.get("status") != "answered",
-    )
     with _TRACE_LOCK:
-        writer.write(episode)
+        recorder.close(
+            truncated=state.get("status") != "answered",
+            answer=state.get("answer"),
+            box=state.get("box"),
+            score=(score or {}).get("parts", {}),
+            reward=(score or {}).get("reward", 0.0),
+        )
 
 
 # ----------------------------------------------------------------------------- wiring

@@ -287,20 +287,20 @@ def load_study(ref: dict[str, Any], uploads: UploadStore | None = None) -> Loade
 
 def question_images(loaded: LoadedStudy) -> list[np.ndarray]:
     """The pictures shown with the question: the current plane, and the prior's for follow-up cases."""
-    from medgym.environments.env import question_images as case_question_images
+    from medgym.environments.contract import question_images as case_question_images
 
     if loaded.case is not None:
         return case_question_images(loaded.case)
     return [to_display(loaded.study.plane(), loaded.study.modality)]
 
 
-def question_text(loaded: LoadedStudy, question: str | None = None) -> str:
+def question_text(loaded: LoadedStudy, question: str | None = None, tool_mode: str = "predicted") -> str:
     """The question as the env words it for cases; a description of the image plus the question for uploads."""
-    from medgym.environments.env import describe_study
-    from medgym.environments.env import question_text as case_question_text
+    from medgym.environments.contract import describe_study
+    from medgym.environments.contract import question_text as case_question_text
 
     if loaded.case is not None and question is None:
-        return case_question_text(loaded.case)
-    lines = describe_study(loaded.study)
+        return case_question_text(loaded.case, tool_mode)
+    lines = describe_study(loaded.study, tool_mode=tool_mode)
     lines.append(question or (loaded.case.prompt() if loaded.case else ""))
     return "\n".join(lines)

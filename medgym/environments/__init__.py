@@ -1,13 +1,10 @@
-"""Task sources, templates, rewards and the Gymnasium environment ``medgym/MedVQA-v0``."""
+"""Task sources, templates, rewards, the call runner, the episode recorder and ``medgym/MedVQA-v0``.
+
+The env is registered by ``import medgym`` (see :mod:`medgym`); the names are re-exported here.
+"""
 
 from __future__ import annotations
 
-import gymnasium
-
-ENV_ID = "medgym/MedVQA-v0"
-MAX_EPISODE_STEPS = 8
-
-if ENV_ID not in gymnasium.registry:
-    gymnasium.register(id=ENV_ID, entry_point="medgym.environments.env:MedVQAEnv", max_episode_steps=MAX_EPISODE_STEPS)
+from medgym import ENV_ID, MAX_EPISODE_STEPS
 
 __all__ = ["ENV_ID", "MAX_EPISODE_STEPS"]

@@ -1,23 +1,23 @@
 """MedVQAEnv: a Gymnasium environment where an action is a model's text turn.
 
 An episode is one case. ``reset`` shows the question and the image(s); each ``step``
-takes the model's turn, runs its ``<tool_call>``s (observation: the tools' text and
-images) or scores its ``<answer>`` (reward from :mod:`medgym.environments.rewards`,
-episode ends). A malformed turn gets an error observation and a small format penalty;
-the env never raises on model output. The step budget is Gymnasium's ``TimeLimit``
-(set at registration). Observations have fixed shapes so vector envs can batch them:
-up to ``max_images`` pictures, letterboxed into ``image_size`` squares, plus their count;
-the full-resolution pictures are in ``info["images"]``.
+takes the model's turn, runs its ``<tool_call>``s through the one call runner
+(:func:`medgym.environments.runner.run_calls`; observation: the tools' text and images) or
+scores its ``<answer>`` (reward from :mod:`medgym.environments.rewards`, episode ends). A
+malformed turn gets an error observation and a small format penalty; the env never raises on
+model output. The step budget is Gymnasium's ``TimeLimit`` (set at registration).
+Observations have fixed shapes so vector envs can batch them: up to ``max_images`` pictures,
+letterboxed into ``image_size`` squares, plus their count; the full-resolution pictures are in
+``info["images"]`` and the call records in ``info["calls"]`` (what
+:func:`medgym.environments.contract.tool_messages` turns into a policy's tool turns).
+
+``tool_mode`` is ``"predicted"`` (default: no tool reads ground truth) or ``"oracle"`` (tools
+may read the case's structures: an upper bound); it is recorded in every trace.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import string
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +25,44 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from medgym import prompts
 from medgym.environments.case import Case
+from medgym.environments.contract import (
+    DEFAULT_TOOL_MODE,
+    NOTE_IMAGES_DROPPED,
+    check_tool_mode,
+    describe_study,
+    prompt_hash,
+    question_images,
+    question_text,
+    system_prompt,
+    tool_schemas,
+)
 from medgym.environments.parsing import parse_action
+from medgym.environments.recorder import EpisodeRecorder, RunSettings
 from medgym.environments.rewards import FORMAT_PENALTY, box_iou, mask_iou, score_parts, total_reward
+from medgym.environments.runner import CallRecord, run_calls
 from medgym.environments.sources import TaskSource, make_source
 from medgym.environments.templates import lesion_union
-from medgym.tools import TOOLS, Study, ToolContext, run_tool
-from medgym.tools.imaging import resize_rgb, to_display
+from medgym.tools import ToolContext
+from medgym.tools.base import mask_box
+from medgym.tools.imaging import resize_rgb
 
 CHARSET = frozenset(string.printable)
 MAX_TEXT = 8192
 MAX_ACTION = 4096
 ERR_NOT_TEXT = "Format error: the action must be a string holding the model's turn."
-NOTE_IMAGES_DROPPED = "({n} more image(s) not shown: at most {k} per turn.)"
 
-
-def _medgym_version() -> str | None:
-    try:
-        return importlib.metadata.version("medgym")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def tool_schemas() -> list[dict[str, Any]]:
-    return [spec.json_schema() for spec in TOOLS.values()]
-
-
-def system_prompt() -> str:
-    """The system prompt with every tool's schema (``prompts/system.jinja``)."""
-    return prompts.render("system", tools=tool_schemas())
-
-
-def prompt_hash() -> str:
-    return hashlib.sha256(system_prompt().encode()).hexdigest()[:16]
+__all__ = [
+    "MedVQAEnv",
+    "describe_study",
+    "letterbox",
+    "prompt_hash",
+    "question_images",
+    "question_text",
+    "sanitize",
+    "system_prompt",
+    "tool_schemas",
+]
 
 
 def sanitize(text: str, limit: int = MAX_TEXT) -> str:
@@ -78,37 +82,6 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def describe_study(study: Study, has_prior: bool = False) -> list[str]:
-    """What the model is told about the picture: size, spacing, volume, nameable structures."""
-    h, w = study.shape2d
-    row_mm, col_mm = study.spacing2d
-    desc = f"{study.modality} image, {w} x {h} pixels, pixel spacing {col_mm:.3f} x {row_mm:.3f} mm"
-    if not study.meta.get("spacing_known", True):
-        desc += " (not given in the file: assumed, so sizes are in pixels)"
-    if study.is_3d:
-        desc += f"; a volume of {study.image.shape[0]} slices {study.spacing[0]:g} mm apart, slice {study.display_slice} shown"
-    lines = [desc + "."]
-    if has_prior:
-        lines.append("Image 1 is the current study, image 2 the prior study.")
-    names = [n for n in study.structures if not n.startswith("lesion_") and n != "empty"]
-    if names:
-        lines.append("Structures segment can name: " + ", ".join(names) + ".")
-    return lines
-
-
-def question_text(case: Case) -> str:
-    """The first observation's text: the study described, then the question with its answer format."""
-    return "\n".join([*describe_study(case.study, case.prior is not None), case.prompt()])
-
-
-def question_images(case: Case) -> list[np.ndarray]:
-    """The pictures shown with the question: the current study, then the prior if any."""
-    pics = [to_display(case.study.plane(), case.study.modality)]
-    if case.prior is not None:
-        pics.append(to_display(case.prior.plane(), case.prior.modality))
-    return pics
-
-
 class MedVQAEnv(gym.Env):
     """Visual question answering with tools on medical images (see module docstring)."""
 
@@ -121,20 +94,28 @@ class MedVQAEnv(gym.Env):
         max_images: int = 4,
         segmenter: str = "medsam",
         sam_checkpoint: str | None = None,
+        tool_mode: str = DEFAULT_TOOL_MODE,
         record_to: str | Path | None = None,
         model_id: str = "unknown",
         render_mode: str | None = None,
         **source_kwargs: Any,
     ):
-        self.source = make_source(source, **source_kwargs) if isinstance(source, str) else source
-        # Recorded in traces so replay can rebuild the source (only known when built from a spec).
-        self.source_spec = source if isinstance(source, str) else None
-        self.source_kwargs = dict(source_kwargs) if isinstance(source, str) else {}
+        self.tool_mode = check_tool_mode(tool_mode)
+        if isinstance(source, str):
+            self.source = make_source(source, tool_mode=self.tool_mode, **source_kwargs)
+        else:
+            self.source = source
         self.image_size = image_size
         self.max_images = max_images
-        self.segmenter = segmenter
-        self.sam_checkpoint = sam_checkpoint
-        self.model_id = model_id
+        # Recorded in traces so replay can rebuild the source (only known when built from a spec).
+        self.settings = RunSettings(
+            source_spec=source if isinstance(source, str) else None,
+            source_config=dict(source_kwargs) if isinstance(source, str) else {},
+            segmenter=segmenter,
+            sam_checkpoint=sam_checkpoint,
+            tool_mode=self.tool_mode,
+            model_id=model_id,
+        )
         self.render_mode = render_mode
         self.observation_space = spaces.Dict(
             {
@@ -151,8 +132,16 @@ class MedVQAEnv(gym.Env):
             self.writer = TraceWriter(record_to)
         self.case: Case | None = None
         self.ctx: ToolContext | None = None
-        self._trace: Any = None
+        self.recorder: EpisodeRecorder | None = None
         self._done = True
+
+    @property
+    def segmenter(self) -> str:
+        return self.settings.segmenter
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model_id
 
     # ------------------------------------------------------------ observations
 
@@ -171,7 +160,7 @@ class MedVQAEnv(gym.Env):
 
     def question_text(self) -> str:
         assert self.case is not None
-        return question_text(self.case)
+        return question_text(self.case, self.tool_mode)
 
     # ------------------------------------------------------------ gym API
 
@@ -188,16 +177,23 @@ class MedVQAEnv(gym.Env):
         self.ctx = ToolContext(
             study=self.case.study,
             prior=self.case.prior,
-            segmenter=self.segmenter,
-            sam_checkpoint=self.sam_checkpoint,
+            segmenter=self.settings.segmenter,
+            sam_checkpoint=self.settings.sam_checkpoint,
+            tool_mode=self.tool_mode,
         )
         self._done = False
         self._tool_calls_ok = 0
         self._steps = 0
         self._format_errors = 0
+        self._prompt_boxes: list[list[float]] = []
         images = self.question_images()
-        obs, shown = self._observe(self.question_text(), images)
-        self._start_trace(shown)
+        text = self.question_text()
+        obs, shown = self._observe(text, images)
+        if self.writer is not None:
+            settings = self.settings
+            if self.spec is not None and settings.env_id != self.spec.id:
+                settings = self.settings = RunSettings(**{**settings.__dict__, "env_id": self.spec.id})
+            self.recorder = EpisodeRecorder.for_case(self.writer, self.case, settings, text, shown)
         return obs, self._info(shown)
 
     def _info(self, images: list[np.ndarray], **extra: Any) -> dict[str, Any]:
@@ -226,24 +222,21 @@ class MedVQAEnv(gym.Env):
     def _format_error(self, message: str, raw: str):
         self._format_errors += 1
         obs, shown = self._observe(message, [])
-        self._record_step(raw, [], reward=FORMAT_PENALTY, format_error=message)
+        if self.recorder is not None:
+            self.recorder.step(raw, [], reward=FORMAT_PENALTY, format_error=message)
         return obs, FORMAT_PENALTY, False, False, self._info(shown, format_error=message)
 
     def _run_calls(self, calls: list[dict[str, Any]], raw: str):
         assert self.ctx is not None
-        texts, images, records = [], [], []
-        for call in calls:
-            start = time.perf_counter()
-            result = run_tool(TOOLS, call["name"], call["arguments"], self.ctx)
-            seconds = time.perf_counter() - start
-            self._tool_calls_ok += 0 if result.error else 1
-            texts.append(f"[{call['name']}] {result.text}")
-            images.extend(result.images)
-            records.append((call, result, seconds))
-        obs, shown = self._observe("\n".join(texts), images)
-        self._record_step(raw, records, reward=0.0)
-        errors = sum(r.error for _, r, _ in records)
-        return obs, 0.0, False, False, self._info(shown, tool_calls=len(calls), tool_errors=errors)
+        records, note = run_calls(calls, self.ctx, limit=None)
+        self._tool_calls_ok += sum(not r.error for r in records)
+        self._prompt_boxes += prompt_boxes(records)
+        texts = [r.observation for r in records] + ([note] if note else [])
+        obs, shown = self._observe("\n".join(texts), [img for r in records for img in r.images])
+        if self.recorder is not None:
+            self.recorder.step(raw, records, reward=0.0)
+        errors = sum(r.error for r in records)
+        return obs, 0.0, False, False, self._info(shown, tool_calls=len(calls), tool_errors=errors, calls=records)
 
     def _answer(self, raw: str, answer: str | None, box: list[float] | None):
         assert self.case is not None and self.ctx is not None
@@ -259,11 +252,18 @@ class MedVQAEnv(gym.Env):
             "format_errors": self._format_errors,
         }
         if self.case.answer_box is not None:
+            # Grounding on the model's own boxes: the answered box, and each box it prompted segment with.
             extra["box_iou"] = box_iou(box, self.case.answer_box) if box is not None else 0.0
         if self.ctx.masks and self.case.answer_box is not None:
             last = list(self.ctx.masks.values())[-1]
             extra["mask_iou"] = mask_iou(last, lesion_union(self.case.study))
-        self._record_step(raw, [], reward=reward, answer=answer, box=box)
+        if self._prompt_boxes:
+            extra["prompt_iou"] = float(np.mean(prompt_ious(self._prompt_boxes, self.case.study, self.case.prior)))
+        dice = mask_dice(self.ctx.masks, self.case.study, self.case.prior)
+        if dice:
+            extra["mask_dice"] = float(np.mean(dice))
+        if self.recorder is not None:
+            self.recorder.step(raw, [], reward=reward, answer=answer, box=box)
         self._close_trace(truncated=False, answer=answer, box=box, parts=parts, reward=reward)
         obs, shown = self._observe("Answer received.", [])
         return obs, reward, True, False, self._info(shown, **extra)
@@ -277,88 +277,58 @@ class MedVQAEnv(gym.Env):
         self._close_trace(truncated=True)
         super().close()
 
-    # ------------------------------------------------------------ traces
+    def _close_trace(self, truncated: bool, parts: dict[str, Any] | None = None, **fields: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.close(truncated=truncated, score=parts, **fields)
+            self.recorder = None
 
-    def _start_trace(self, images: list[np.ndarray]) -> None:
-        if self.writer is None:
-            return
-        from medgym.traces import TraceEpisode, TraceHeader
 
-        case = self.case
-        assert case is not None
-        store = self.writer.images
-        header = TraceHeader(
-            episode_id=uuid.uuid4().hex,
-            env_id=self.spec.id if self.spec else None,
-            source=case.source,
-            seed=case.seed,
-            case_id=case.case_id,
-            stage=case.stage,
-            template=case.template,
-            question=self.question_text(),
-            answer=case.answer,
-            answer_type=case.answer_type,
-            choices=case.choices,
-            answer_box=case.answer_box,
-            image=store.put(images[0]),
-            prior_image=store.put(images[1]) if len(images) > 1 else None,
-            model_id=self.model_id,
-            prompt_hash=prompt_hash(),
-            tool_versions={name: spec.version for name, spec in TOOLS.items()},
-            source_spec=self.source_spec,
-            source_config=json.loads(json.dumps(self.source_kwargs, default=str)),
-            study_hash=case.study.content_hash(),
-            segmenter=self.segmenter,
-            sam_checkpoint=self.sam_checkpoint,
-            unit=case.unit,
-            tolerance=case.tolerance,
-            abs_tolerance=case.abs_tolerance,
-            medgym_version=_medgym_version(),
-        )
-        self._trace = TraceEpisode(header=header)
+def prompt_boxes(records: list[CallRecord]) -> list[list[float]]:
+    """The boxes a model wrote into its segment prompts (what grounding on its own boxes scores)."""
+    out = []
+    for r in records:
+        if r.name != "segment" or r.error or not isinstance(r.arguments, dict):
+            continue
+        box = r.arguments.get("box")
+        if isinstance(box, list) and len(box) == 4:
+            out.append([float(v) for v in box])
+    return out
 
-    def _record_step(
-        self, raw: str, records: list[tuple[dict[str, Any], Any, float]], reward: float, **fields: Any
-    ) -> None:
-        if self._trace is None or self.writer is None:
-            return
-        from medgym.traces import ToolCallRecord, TraceStep
 
-        calls = [
-            ToolCallRecord(
-                name=str(call["name"]),
-                arguments=call["arguments"],
-                tool_version=TOOLS[call["name"]].version if call["name"] in TOOLS else None,
-                text=result.text,
-                data=result.data,
-                images=[self.writer.images.put(img) for img in result.images],
-                error=result.error,
-                seconds=round(seconds, 6),
-            )
-            for call, result, seconds in records
-        ]
-        self._trace.steps.append(
-            TraceStep(index=len(self._trace.steps), model_text=raw, calls=calls, reward=reward, **fields)
-        )
+def mask_dice(masks: dict[str, np.ndarray], study, prior=None) -> list[float]:
+    """Dice of each mask made this episode against the ground-truth structure it overlaps most.
 
-    def _close_trace(
-        self,
-        truncated: bool,
-        answer: str | None = None,
-        box: list[float] | None = None,
-        parts: dict[str, Any] | None = None,
-        reward: float = 0.0,
-    ) -> None:
-        if self._trace is None or self.writer is None:
-            return
-        episode = self._trace.model_copy(
-            update={
-                "final_answer": answer,
-                "final_box": box,
-                "score": parts or {},
-                "reward": reward,
-                "truncated": truncated,
-            }
-        )
-        self.writer.write(episode)
-        self._trace = None
+    Scoring only: the structures (lesion instances and organs) never reach a tool in predicted mode.
+    """
+    out = []
+    for mask in masks.values():
+        best = 0.0
+        for s in (study, prior):
+            if s is None or s.image.shape != mask.shape:
+                continue
+            for name, truth in s.structures.items():
+                if name in ("lesion", "body") or not truth.any():
+                    continue
+                inter = np.logical_and(mask, truth).sum()
+                if inter:
+                    best = max(best, 2.0 * inter / (mask.sum() + truth.sum()))
+        out.append(float(best))
+    return out
+
+
+def _truth_boxes(study, prior=None) -> list[list[float]]:
+    boxes = []
+    for s in (study, prior):
+        if s is None:
+            continue
+        for name, truth in s.structures.items():
+            if name in ("lesion", "body") or not truth.any():
+                continue
+            boxes.append(mask_box(truth if truth.ndim == 2 else truth.any(axis=0)))
+    return boxes
+
+
+def prompt_ious(boxes: list[list[float]], study, prior=None) -> list[float]:
+    """Grounding of the model's own prompt boxes: each one's IoU with the ground-truth box it fits best."""
+    truth = _truth_boxes(study, prior)
+    return [max((box_iou(b, t) for t in truth), default=0.0) for b in boxes]

@@ -59,6 +59,68 @@ class PhantomPlan:
     lesions: list[Blob] = field(default_factory=list)
     noise: float = 8.0
     n_slices: int = 1
+    blur_mm: float = 0.0  # Gaussian blur before noise: partial volume at edges (Difficulty.blur_mm)
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard a phantom is to read, so that segmenting from a prompt is not trivially exact.
+
+    ``standard`` is the default rendering; ``hard`` and ``harder`` add noise, partial-volume blur,
+    lower lesion contrast and unlabelled distractor blobs (small vessel-like discs of lesion-like
+    intensity that no question counts). Recorded in each study's ``meta["difficulty"]``.
+    """
+
+    noise: float = 1.0  # multiplier on the noise standard deviation
+    blur_mm: float = 0.0  # partial-volume blur (Gaussian sigma, mm) before noise
+    min_contrast_hu: float = 25.0  # a CT lesion differs from its host organ by at least this
+    distractors: int = 0  # unlabelled small discs per image
+
+    @classmethod
+    def named(cls, level: str | dict | Difficulty) -> Difficulty:
+        if isinstance(level, Difficulty):
+            return level
+        if isinstance(level, dict):
+            return cls(**level)
+        if level not in DIFFICULTY_LEVELS:
+            raise ValueError(f"unknown difficulty {level!r}; choose one of: {', '.join(DIFFICULTY_LEVELS)}")
+        return DIFFICULTY_LEVELS[level]
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "noise": self.noise,
+            "blur_mm": self.blur_mm,
+            "min_contrast_hu": self.min_contrast_hu,
+            "distractors": self.distractors,
+        }
+
+
+DIFFICULTY_LEVELS: dict[str, Difficulty] = {
+    "standard": Difficulty(),
+    "hard": Difficulty(noise=2.5, blur_mm=0.8, min_contrast_hu=20.0, distractors=3),
+    "harder": Difficulty(noise=4.0, blur_mm=1.5, min_contrast_hu=15.0, distractors=6),
+}
+
+
+def add_distractors(rng: np.random.Generator, plan: PhantomPlan, n: int) -> None:
+    """Small unlabelled discs (vessel cross-sections) inside organs; lesions drawn later cover them."""
+    hosts = [o for o in plan.organs if not o.name.startswith("_") and o.name != "body"]
+    for k in range(n if hosts else 0):
+        host = hosts[int(rng.integers(len(hosts)))]
+        r = float(rng.uniform(2.0, 4.0))
+        t, rho = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.6))
+        value = float(rng.uniform(0.2, 0.3)) if plan.kind == "xray" else float(host.value + rng.choice([-1, 1]) * 60.0)
+        blob = Blob(
+            f"_distractor_{k}",
+            float(host.cy + rho * host.ry * np.sin(t)),
+            float(host.cx + rho * host.rx * np.cos(t)),
+            r,
+            r,
+            value,
+        )
+        if plan.kind == "ct3d":
+            blob.rz = float(r * 2)
+        plan.organs.append(blob)
 
 
 def _blob_mask(b: Blob, yy: np.ndarray, xx: np.ndarray, zz: np.ndarray | None = None) -> np.ndarray:
@@ -130,6 +192,8 @@ def render(plan: PhantomPlan, seed: int) -> Study:
         union |= m
     structures["lesion"] = union
     image = ndimage.gaussian_filter(image, 0.6) if xray else image
+    if plan.blur_mm > 0:
+        image = ndimage.gaussian_filter(image, [plan.blur_mm / v for v in sp[-image.ndim :]])
     image = image + rng.normal(0.0, plan.noise, size=image.shape).astype(np.float32)
     display = None
     if plan.kind == "ct3d":

@@ -1,24 +1,120 @@
-"""Scripted policies: the expert that follows a case's expert trace, one tool call per turn."""
+"""The one policy protocol, and the expert that follows a case's expert trace.
+
+A policy writes the next model turn from the conversation so far::
+
+    model_id: str
+    next_turn(messages, *, temperature=0.0) -> str
+
+``messages`` are the contract's dicts (:mod:`medgym.environments.contract`): system prompt,
+the question with its pictures, assistant turns, ``tool`` turns with the tools' text and
+pictures. ``medgym eval``, the agent graph (chat, web, LangGraph server), ``medgym serve`` and
+training all drive policies through this one method; the specs that name them
+(``expert``, ``embedded[:PATH]``, ``transformers:PATH``, ``openai:MODEL@URL``) are parsed by
+:func:`medgym.agents.backends.make_policy`.
+
+A policy that depends on the case (the expert) has ``for_case(case) -> Policy``;
+:func:`bind_case` calls it where a runtime starts an episode on a known case.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Protocol, runtime_checkable
 
 from medgym.environments.case import Case
+from medgym.environments.contract import DEFAULT_TOOL_MODE, Message, check_tool_mode
+
+ERR_EXPERT_NO_CASE = (
+    "The expert follows a case's expert trace, and uploaded images have none. "
+    "Chat over a phantom case (--case-seed N), or use --backend demo for a scripted demo on any image."
+)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What writes a model turn (see the module docstring)."""
+
+    model_id: str
+
+    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str: ...
+
+
+def bind_case(policy: Any, case: Case | None) -> Policy:
+    """The policy to use on ``case``: ``policy.for_case(case)`` where it has one, else the policy itself."""
+    for_case = getattr(policy, "for_case", None)
+    return for_case(case) if callable(for_case) else policy
+
+
+def turn_index(messages: list[Message]) -> int:
+    """How many assistant turns the current question has had (messages after the last question)."""
+    k = 0
+    for m in reversed(messages):
+        if m["role"] == "assistant":
+            k += 1
+        elif m["role"] == "user" and (m.get("kind") == "question" or m.get("images")):
+            break
+    return k
+
+
+def tool_records(messages: list[Message]) -> list[dict[str, Any]]:
+    """The tool results of the current question, in call order, as ``{"name", "arguments", "text", "data", "error"}``."""
+    out: list[dict[str, Any]] = []
+    for m in reversed(messages):
+        if m["role"] == "user" and m.get("kind") == "question":
+            break
+        if m["role"] == "tool":
+            out.append(
+                {
+                    "name": m.get("name"),
+                    "arguments": m.get("arguments") or {},
+                    "text": m.get("text", m["content"]),
+                    "data": m.get("data") or {},
+                    "error": bool(m.get("error")),
+                }
+            )
+    return out[::-1]
 
 
 class ExpertPolicy:
-    """Replays the case's expert calls, then gives the known answer (with its box, if any)."""
+    """Follows a case's expert trace: its calls one per turn, then its answer.
 
-    model_id = "expert"
+    In ``predicted`` mode the calls are the annotator's (a prompt box around the finding, then
+    the real segmenter and measurements of *its* mask) and the answer is computed from the tool
+    results it read; in ``oracle`` mode the calls name ground-truth structures and the answer is
+    the known one. Stateless: the turn to give is read from the conversation, so a resumed chat
+    goes on where it was. Without a case it is a template: :meth:`for_case` binds one.
+    """
 
-    def __init__(self) -> None:
-        self._turns: list[str] = []
+    def __init__(self, case: Case | None = None, tool_mode: str = DEFAULT_TOOL_MODE):
+        self.case = case
+        self.tool_mode = check_tool_mode(tool_mode)
+        self.model_id = "expert"
+        self.calls: list[str] = []
+        if case is not None:
+            from medgym.environments.expert import expert_turns
 
-    def reset(self, case: Case, observation: dict[str, Any] | None = None) -> None:
-        self._turns = [call.as_text() for call in case.expert_calls] + [case.expert_answer]
+            self.calls = expert_turns(case, self.tool_mode)
 
-    def act(self, observation: dict[str, Any] | None = None) -> str:
-        if not self._turns:
-            raise RuntimeError("the expert has already answered; reset it with the next case")
-        return self._turns.pop(0)
+    def for_case(self, case: Case | None) -> ExpertPolicy:
+        if case is None:
+            raise ValueError(ERR_EXPERT_NO_CASE)
+        return ExpertPolicy(case, self.tool_mode)
+
+    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
+        if self.case is None:
+            raise ValueError(ERR_EXPERT_NO_CASE)
+        k = turn_index(messages)
+        if k < len(self.calls):
+            return self.calls[k]
+        from medgym.environments.expert import expert_answer
+
+        return expert_answer(self.case, self.tool_mode, tool_records(messages))
+
+
+def message_json(messages: list[Message]) -> str:
+    """A stable text of messages without pixels (image shapes only), for hashing and parity tests."""
+
+    def strip(m: Message) -> dict[str, Any]:
+        return {**{k: v for k, v in m.items() if k != "images"}, "images": [list(i.shape) for i in m.get("images", [])]}
+
+    return json.dumps([strip(m) for m in messages], sort_keys=True, default=str)

@@ -7,6 +7,7 @@ choice order) is drawn from it, so a seed names a case.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -16,7 +17,9 @@ from medgym.environments.case import STAGES, Case
 from medgym.environments.phantom import (
     DENSITY_HU,
     ORGAN_HU,
+    Difficulty,
     PhantomPlan,
+    add_distractors,
     add_lesion,
     anatomy,
     render,
@@ -41,7 +44,9 @@ class TaskSource(Protocol):
     def case(self, seed: int) -> Case: ...
 
 
-def lesion_value(rng: np.random.Generator, kind: str, organ: str, density: str | None) -> float:
+def lesion_value(
+    rng: np.random.Generator, kind: str, organ: str, density: str | None, min_contrast: float = 25.0
+) -> float:
     """A lesion intensity of the density class that stands out from its host organ."""
     if kind == "xray":
         return float(rng.uniform(0.18, 0.35))
@@ -50,7 +55,7 @@ def lesion_value(rng: np.random.Generator, kind: str, organ: str, density: str |
     for _ in range(100):
         lo, hi = DENSITY_HU[str(rng.choice(classes))]
         value = float(rng.uniform(lo, hi))
-        if abs(value - host) >= 25.0:
+        if abs(value - host) >= min_contrast:
             return value
     return float(DENSITY_HU[classes[0]][0] if host > 0 else DENSITY_HU[classes[0]][1])
 
@@ -60,9 +65,16 @@ class PhantomSource:
 
     name = "phantom"
 
-    def __init__(self, size: int = 256, templates: list[str] | None = None, stages: list[str] | None = None):
+    def __init__(
+        self,
+        size: int = 256,
+        templates: list[str] | None = None,
+        stages: list[str] | None = None,
+        difficulty: str | dict | Difficulty = "standard",
+    ):
         chosen = select_templates(templates, stages)
         self.size = size
+        self.difficulty = Difficulty.named(difficulty)
         self.by_stage = {s: [t for t in chosen if t.stage == s] for s in STAGES}
         self.by_stage = {s: ts for s, ts in self.by_stage.items() if ts}
 
@@ -75,7 +87,8 @@ class PhantomSource:
             rng.shuffle(pool)
             diameter = float(rng.uniform(*spec.diameter))
             for organ in pool:
-                if add_lesion(rng, plan, organ, diameter, lesion_value(rng, plan.kind, organ, spec.density)):
+                value = lesion_value(rng, plan.kind, organ, spec.density, self.difficulty.min_contrast_hu)
+                if add_lesion(rng, plan, organ, diameter, value):
                     used.add(organ)
                     break
             else:
@@ -89,12 +102,19 @@ class PhantomSource:
         for _ in range(60):
             kind = str(rng.choice(template.kinds))
             plan = anatomy(rng, kind, self.size)
+            plan.noise *= self.difficulty.noise
+            plan.blur_mm = self.difficulty.blur_mm
+            # Distractors from their own stream, so the standard level draws the cases it always did.
+            add_distractors(np.random.default_rng([seed, 31]), plan, self.difficulty.distractors)
             req = template.request(rng, kind)
             if not self._place(rng, plan, req):
                 continue
             current_plan = plan if req.prior_scale is None else with_lesion_scale(plan, {"lesion_1": req.prior_scale})
             study = render(current_plan, int(rng.integers(2**31)))
             prior = None if req.prior_scale is None else render(plan, int(rng.integers(2**31)))
+            for s in (study, prior):
+                if s is not None:
+                    s.meta["difficulty"] = self.difficulty.as_dict()
             built = template.build(study, prior, rng)
             if built is None:
                 continue
@@ -135,10 +155,13 @@ PATH_SOURCES = ("segdir", "vqa")  # these take the part after ``name:`` as their
 
 def make_source(spec: str, **kwargs: object) -> TaskSource:
     """A source from its CLI name (``phantom``, ``samples``, ``segdir:PATH``, ``vqa:PATH``);
-    keyword arguments go to its constructor."""
+    keyword arguments go to its constructor. ``tool_mode`` reaches the sources that take it (those
+    with oracle-only questions leave them out in predicted mode) and is dropped for the others."""
     name, _, arg = spec.partition(":")
     if name not in SOURCES:
         raise ValueError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))}")
+    if "tool_mode" in kwargs and "tool_mode" not in inspect.signature(SOURCES[name]).parameters:
+        kwargs.pop("tool_mode")
     if name in PATH_SOURCES:
         if not arg:
             raise ValueError(f"source {name!r} needs a data folder: write {name}:PATH")

@@ -3,91 +3,71 @@
 TRL's ``GRPOTrainer(environment_factory=...)`` makes one environment per rollout, calls
 ``reset(**row)`` with the dataset row, exposes every public method as a tool (its JSON
 schema comes from the type hints and the Google docstring) and calls the method with the
-model's arguments. :class:`MedGymToolEnv` gets those methods *generated* from
-:data:`medgym.tools.TOOLS`: signature and docstring are derived from each tool's pydantic
-input model, and the call delegates to :func:`medgym.tools.run_tool` -- there is no second
-schema to keep in sync.
+model's arguments. :class:`MedGymToolEnv` gets those methods from the contract's
+:func:`medgym.environments.contract.tool_method` — the same methods whose schemas every other
+runtime shows (:func:`~medgym.environments.contract.tool_schemas`) — and each call goes through
+the one call runner (:func:`medgym.environments.runner.run_call`).
 
 A tool method returns ``[{"type": "image", "image": PIL}, ..., {"type": "text", "text": ...}]``
-when the tool made pictures (TRL feeds them back to the VLM) and the text alone otherwise.
-Bad arguments come back as the tool's error text, which the model can read.
+when the tool made pictures (TRL feeds them back to the VLM) and the text alone otherwise;
+the text is the contract's ``"[name] text"``. Bad arguments come back as the tool's error
+text, which the model can read.
+
+With ``record_to``, every rollout is written as a trace through the one episode recorder
+(off by default for speed): the tool calls as they ran, then the answer when the reward
+function hands the completion to :func:`finish_rollout`. Such traces replay with
+``medgym replay --verify`` like any other.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
 import logging
-import time
-import typing
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medgym.environments.case import Case
+from medgym.environments.contract import DEFAULT_TOOL_MODE, check_tool_mode, question_images, question_text, tool_method
+from medgym.environments.parsing import completion_text, parse_action
+from medgym.environments.recorder import EpisodeRecorder, RunSettings
+from medgym.environments.rewards import score_parts, total_reward
+from medgym.environments.runner import CallRecord, run_call
 from medgym.environments.sources import make_source
-from medgym.rl.conversation import POLICY_IMAGE_SIZE, policy_image, tool_text
-from medgym.tools import TOOLS, ToolContext, ToolSpec, run_tool
+from medgym.rl.conversation import POLICY_IMAGE_SIZE, policy_image
+from medgym.tools import TOOLS, ToolContext
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CallRecord:
-    """One tool call the bridge ran during a rollout."""
-
-    name: str
-    arguments: dict[str, Any]
-    ok: bool
-    n_images: int
-    seconds: float = 0.0  # the tool's run plus turning its pictures into policy images
-
-
-def _plain_hint(hint: Any) -> Any:
-    """Strip ``Annotated`` (pydantic constraints) so transformers' schema parser understands the hint."""
-    return typing.get_type_hints(type("_H", (), {"__annotations__": {"x": hint}}))["x"]
-
-
-def _docstring(spec: ToolSpec) -> str:
-    lines = [spec.description, "", "Args:"]
-    for name, field in spec.input_model.model_fields.items():
-        desc = " ".join((field.description or name).split())
-        lines.append(f"    {name}: {desc}")
-    lines += ["", "Returns:", "    The tool's result: text, with the pictures it made (if any) before it."]
-    return "\n".join(lines)
-
-
-def tool_method(spec: ToolSpec):
-    """A method ``(self, **arguments)`` for one tool, with the signature and docstring TRL reads."""
-
-    def method(self: MedGymToolEnv, **arguments: Any) -> list[dict[str, Any]] | str:
-        return self._call(spec.name, arguments)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    annotations: dict[str, Any] = {}
-    for name, field in spec.input_model.model_fields.items():
-        hint = _plain_hint(field.annotation)
-        default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint))
-        annotations[name] = hint
-    annotations["return"] = list[dict[str, Any]] | str
-    method.__name__ = method.__qualname__ = spec.name
-    method.__doc__ = _docstring(spec)
-    method.__signature__ = inspect.Signature(params, return_annotation=annotations["return"])  # type: ignore[attr-defined]
-    method.__annotations__ = annotations
-    return method
 
 
 class MedGymToolEnv:
     """One rollout's environment: the case's tool context and a record of the calls made.
 
-    ``reset(**row)`` reads ``case_seed`` (and ``source``, default ``phantom``) from the row.
+    ``reset(**row)`` reads ``case_seed`` (and ``source``, default ``phantom``; ``stages``) from the row.
     ``tool_calls_ok`` counts calls that ran without error, the input of the tool-use bonus.
     """
 
-    def __init__(self, segmenter: str = "threshold", image_size: int = POLICY_IMAGE_SIZE, max_images: int = 4):
+    def __init__(
+        self,
+        segmenter: str = "threshold",
+        image_size: int = POLICY_IMAGE_SIZE,
+        max_images: int = 4,
+        tool_mode: str = DEFAULT_TOOL_MODE,
+        record_to: str | Path | None = None,
+        model_id: str = "grpo-rollout",
+    ):
         self.segmenter = segmenter
         self.image_size = image_size
         self.max_images = max_images
-        self._sources: dict[str, Any] = {}
+        self.tool_mode = check_tool_mode(tool_mode)
+        self.model_id = model_id
+        self._sources: dict[Any, Any] = {}
+        self._writer = None
+        if record_to is not None:
+            from medgym.traces import TraceWriter
+
+            self._writer = TraceWriter(record_to)
+        self._recorder: EpisodeRecorder | None = None
+        self._source_key: tuple[str, tuple[str, ...]] = ("phantom", ())
         self.case: Case | None = None
         self.ctx: ToolContext | None = None
         self.calls: list[CallRecord] = []
@@ -100,6 +80,7 @@ class MedGymToolEnv:
             raise ValueError("a GRPO dataset row needs a 'case_seed' column naming its case")
         if (source, stages) not in self._sources:
             self._sources[source, stages] = stage_source(source, list(stages))
+        self._source_key = (source, stages)
         start_case(self, self._sources[source, stages].case(int(row["case_seed"])))
         return None
 
@@ -107,22 +88,23 @@ class MedGymToolEnv:
     def tool_calls_ok(self) -> int:
         return sum(c.ok for c in self.calls)
 
-    def _call(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]] | str:
+    def _call_tool(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]] | str:
         if self.ctx is None:
             raise RuntimeError("reset() the environment before calling its tools")
-        t0 = time.perf_counter()
-        result = run_tool(TOOLS, name, arguments, self.ctx)
-        pictures = [policy_image(img, self.image_size) for img in result.images[: self.max_images]]
-        seconds = time.perf_counter() - t0
-        self.calls.append(
-            CallRecord(
-                name=name, arguments=dict(arguments), ok=not result.error, n_images=len(pictures), seconds=seconds
-            )
-        )
-        text = tool_text(name, result)
+        record = run_call(name, dict(arguments), self.ctx)
+        record.images = record.images[: self.max_images]
+        pictures = [policy_image(img, self.image_size) for img in record.images]
+        self.calls.append(record)
+        if self._recorder is not None:
+            call = json.dumps({"name": name, "arguments": record.arguments}, default=str)
+            self._recorder.step(f"<tool_call>{call}</tool_call>", [record])
         if not pictures:
-            return text
-        return [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": text}]
+            return record.observation
+        return [*({"type": "image", "image": p} for p in pictures), {"type": "text", "text": record.observation}]
+
+
+for _name, _spec in TOOLS.items():
+    setattr(MedGymToolEnv, _name, tool_method(_spec))
 
 
 def stage_source(source: str, stages: list[str] | None = None):
@@ -135,9 +117,41 @@ def start_case(env: MedGymToolEnv, case: Case) -> None:
 
     A module function, not a method: every public method of the environment becomes a tool.
     """
+    if env._recorder is not None:  # a rollout that never reached its reward: truncated
+        env._recorder.close(truncated=True)
     env.case = case
-    env.ctx = ToolContext(study=case.study, prior=case.prior, segmenter=env.segmenter)
+    env.ctx = ToolContext(study=case.study, prior=case.prior, segmenter=env.segmenter, tool_mode=env.tool_mode)
     env.calls = []
+    env._recorder = None
+    if env._writer is not None:
+        source, stages = env._source_key
+        settings = RunSettings(
+            source_spec=source,
+            source_config={"stages": list(stages)} if stages else {},
+            segmenter=env.segmenter,
+            tool_mode=env.tool_mode,
+            model_id=env.model_id,
+        )
+        text = question_text(case, env.tool_mode)
+        env._recorder = EpisodeRecorder.for_case(env._writer, case, settings, text, question_images(case))
+
+
+def finish_rollout(env: MedGymToolEnv, completion: Any) -> None:
+    """Record the rollout's final turn and close its trace (a no-op when the env does not record).
+
+    A module function, not a method: every public method of the environment becomes a tool.
+    """
+    if env._recorder is None or env.case is None:
+        return
+    text = completion_text(completion)
+    action = parse_action(text)
+    parts = score_parts(text, env.case.reward_columns(), env.tool_calls_ok)
+    reward = total_reward(parts)
+    env._recorder.step(text, [], reward=reward, answer=action.answer, box=action.box, format_error=action.error)
+    env._recorder.close(
+        truncated=action.answer is None, answer=action.answer, box=action.box, score=parts, reward=reward
+    )
+    env._recorder = None
 
 
 def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
@@ -148,7 +162,4 @@ def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
     return sum(c.ok for c in env.calls[:k])
 
 
-for _name, _spec in TOOLS.items():
-    setattr(MedGymToolEnv, _name, tool_method(_spec))
-
-__all__ = ["CallRecord", "MedGymToolEnv", "ok_calls_among_first", "stage_source", "start_case", "tool_method"]
+__all__ = ["CallRecord", "MedGymToolEnv", "finish_rollout", "ok_calls_among_first", "stage_source", "start_case"]

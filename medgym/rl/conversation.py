@@ -1,80 +1,112 @@
-"""The conversation the embedded policy sees, built the same way for SFT, GRPO and evaluation.
+"""The conversations the embedded policy trains on, built from the one model-facing contract.
 
-One place decides how a case becomes chat messages, so the three paths cannot drift:
+Training must show the policy exactly what evaluation and chat show it, so this module builds
+nothing of its own: the question is the contract's (:func:`medgym.environments.contract.question_text`
+and ``question_images``), tool turns are the bridge's results (the one call runner, ``"[name] text"``
+after the pictures), pictures are letterboxed by the embedded backend's own converter
+(:func:`medgym.agents.backends.letterboxed`), and tools reach the chat template only through
+``tools=`` (:func:`medgym.environments.contract.tool_schemas`).
 
-- the system message is ``prompts/system.jinja`` without its tool list (the chat template
-  renders the tools, from the bridge's methods, in TRL's own format), plus a note on scaling;
-- the user turn holds the question image(s) first, then ``environments.env.question_text(case)``;
-- a tool turn holds the tool's images, then ``"[name] text"`` -- exactly the env's observation text.
+The system text is the embedded recipe's: the contract's system prompt for the tool mode plus a
+note on scaling. A checkpoint records the text it was trained with in its ``medgym.json``, and
+its backend prompts it with that text (:class:`medgym.agents.backends.EmbeddedBackend`).
 
-Images are letterboxed into ``POLICY_IMAGE_SIZE`` squares (128 x 128: 16 image tokens with
-patch 16 and 2 x 2 merging). Coordinates in every text (question, tool arguments, tool
-results, answer boxes) stay in *original* image pixels: the question states the original
-size, and the system note tells the model the pictures are shown downscaled.
+Images are letterboxed into ``POLICY_IMAGE_SIZE`` squares (128 x 128: 16 image tokens with patch
+16 and 2 x 2 merging). Coordinates in every text stay in *original* image pixels.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from medgym import prompts
+from medgym.agents.backends import EMBEDDED_IMAGE_SIZE, letterboxed
 from medgym.environments.case import Case
-from medgym.environments.env import letterbox, question_images, question_text
-from medgym.tools import ToolResult
+from medgym.environments.contract import DEFAULT_TOOL_MODE, question_images, question_text, system_prompt
 
-POLICY_IMAGE_SIZE = 128
+if TYPE_CHECKING:
+    from medgym.rl.bridge import MedGymToolEnv
+
+POLICY_IMAGE_SIZE = EMBEDDED_IMAGE_SIZE
 SCALE_NOTE = (
     "Pictures are shown downscaled to fit {size} x {size} pixels (top-left aligned); "
     "all coordinates stay in original-image pixels."
 )
 
 
-def system_message() -> str:
-    """The embedded policy's system text: the project's prompt minus the tool list, plus the scale note."""
-    text = prompts.render("system", tools=[]).rstrip()
-    if text.endswith("Tools:"):
-        text = text[: -len("Tools:")].rstrip()
-    return text + "\n" + SCALE_NOTE.format(size=POLICY_IMAGE_SIZE)
+def system_message(tool_mode: str = DEFAULT_TOOL_MODE) -> str:
+    """The embedded recipe's system text: the contract's system prompt plus the scale note."""
+    return system_prompt(tool_mode) + "\n" + SCALE_NOTE.format(size=POLICY_IMAGE_SIZE)
 
 
 def policy_image(img: np.ndarray, size: int = POLICY_IMAGE_SIZE) -> Image.Image:
     """An RGB/grey uint8 picture as the policy sees it: letterboxed into a size x size square."""
-    arr = np.asarray(img)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return Image.fromarray(letterbox(arr.astype(np.uint8), size))
-
-
-def question(case: Case) -> tuple[str, list[np.ndarray]]:
-    """The env's question text and pictures for a case (no tool context is created)."""
-    return question_text(case), question_images(case)
-
-
-def tool_text(name: str, result: ToolResult) -> str:
-    """A tool result's text as the env shows it in an observation."""
-    return f"[{name}] {result.text}"
+    return letterboxed(size)(img)
 
 
 def image_parts(images: list[Image.Image]) -> list[dict[str, Any]]:
     return [{"type": "image", "image": img} for img in images]
 
 
-def prompt_messages(case: Case) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+def prompt_messages(
+    case: Case, tool_mode: str = DEFAULT_TOOL_MODE, system: str | None = None
+) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """System and user messages (string contents) and the user's pictures, TRL's dataset layout."""
-    text, pictures = question(case)
     return (
-        [{"role": "system", "content": system_message()}, {"role": "user", "content": text}],
-        [policy_image(p) for p in pictures],
+        [
+            {"role": "system", "content": system if system is not None else system_message(tool_mode)},
+            {"role": "user", "content": question_text(case, tool_mode)},
+        ],
+        [policy_image(p) for p in question_images(case)],
     )
 
 
-def multimodal_prompt(case: Case) -> list[dict[str, Any]]:
+def multimodal_prompt(
+    case: Case, tool_mode: str = DEFAULT_TOOL_MODE, system: str | None = None
+) -> list[dict[str, Any]]:
     """The prompt with image blocks in place (the processor's input layout)."""
-    messages, images = prompt_messages(case)
+    messages, images = prompt_messages(case, tool_mode, system)
     return [
         {"role": "system", "content": [{"type": "text", "text": messages[0]["content"]}]},
         {"role": "user", "content": [*image_parts(images), {"type": "text", "text": messages[1]["content"]}]},
     ]
+
+
+def expert_conversation(
+    case: Case, env: MedGymToolEnv | None = None, tool_mode: str | None = None, system: str | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures.
+
+    The calls run through the bridge (the one call runner); in predicted mode the expert's answer is
+    computed from the results it read (:func:`medgym.environments.templates.expert_answer`).
+    """
+    from medgym.environments.expert import expert_answer, expert_calls
+    from medgym.rl.bridge import MedGymToolEnv, start_case
+
+    env = env or MedGymToolEnv(tool_mode=tool_mode or DEFAULT_TOOL_MODE)
+    mode = tool_mode or env.tool_mode
+    start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
+    messages = multimodal_prompt(case, mode, system)
+    for call in expert_calls(case, mode):
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}],
+            }
+        )
+        result = env._call_tool(call.name, dict(call.arguments))
+        if isinstance(result, str):
+            result = [{"type": "text", "text": result}]
+        messages.append({"role": "tool", "name": call.name, "content": result})
+    records = [
+        {"name": c.name, "arguments": c.arguments, "text": c.text, "data": c.data, "error": c.error} for c in env.calls
+    ]
+    answer = expert_answer(case, mode, records)
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    n_images = sum(
+        1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
+    )
+    return messages, n_images

@@ -31,9 +31,15 @@ ERR_INVALID_ARGS = (
     "Error: invalid arguments for {name}: {details}. Fix the arguments to match the tool's schema and call it again."
 )
 ERR_BAD_INPUT = "Error in {name}: {details}"
+ERR_PREDICTED_NAME = (
+    "{name!r} is not available in predicted mode: segment it from a box or point first "
+    "(no tool reads the case's ground truth; an automatic segmenter is not installed)."
+)
 ERR_NOT_JSON = 'Error: the arguments of {name} are not a JSON object: {details}. Write them as {{"key": value, ...}}.'
 
 StudyName = Literal["current", "prior"]
+ToolMode = Literal["predicted", "oracle"]
+TOOL_MODES: tuple[str, ...] = ("predicted", "oracle")
 
 
 class ToolInputError(ValueError):
@@ -129,6 +135,16 @@ class ToolContext:
     segmenter: str = "medsam"
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"
+    # "predicted": no tool reads ground truth (structures); "oracle": tools may (an upper bound).
+    tool_mode: ToolMode = "predicted"
+
+    def __post_init__(self) -> None:
+        if self.tool_mode not in TOOL_MODES:
+            raise ValueError(f"tool_mode must be one of {TOOL_MODES}, got {self.tool_mode!r}")
+
+    @property
+    def oracle(self) -> bool:
+        return self.tool_mode == "oracle"
 
     def get_study(self, which: str = "current") -> Study:
         if which == "prior":

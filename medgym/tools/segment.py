@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from medgym.tools.base import (
+    ERR_PREDICTED_NAME,
     BoxField,
     SliceField,
     StudyField,
@@ -50,10 +51,17 @@ class SegmentArgs(ToolArgs):
     )
     structure: str | None = Field(
         default=None,
-        description="Name of a structure of this case to take exactly, e.g. 'liver', 'lesion', 'lesion_1'; "
-        "on 3D studies this gives the full 3D mask.",
+        description="Oracle mode only (an upper bound): name of a ground-truth structure of this case to take "
+        "exactly, e.g. 'liver', 'lesion'. In predicted mode (the default) no automatic segmenter ships, so no "
+        "names are offered: prompt with a box or point.",
     )
     slice_index: int | None = SliceField
+    propagate: bool = Field(
+        default=False,
+        description="On a volume, with a box or point prompt: carry the mask to the neighbouring slices "
+        "(each prompted with the box of the slice before it) until the object ends, giving a 3D mask "
+        "whose volume measure reports.",
+    )
     study: StudyName = StudyField
 
     @model_validator(mode="after")
@@ -83,13 +91,13 @@ def _area_px(mask: np.ndarray) -> int:
     return int(mask.sum() if mask.ndim == 2 else mask.sum(axis=(1, 2)).max())
 
 
-def _describe(mask: np.ndarray, study: Any, backend: str) -> tuple[list[str], dict[str, Any]]:
+def _describe(mask: np.ndarray, study: Any, backend: str, organs: bool = True) -> tuple[list[str], dict[str, Any]]:
     """Per-component text and data: 2D box (projection for 3D), organ and area."""
     px_mm2 = study.spacing2d[0] * study.spacing2d[1]
     parts, comps = [], []
     for i, comp in enumerate(components(mask), start=1):
         box = mask_box(comp if comp.ndim == 2 else comp.any(axis=0))
-        organ = _organ_of(comp, study.structures)
+        organ = _organ_of(comp, study.structures) if organs else None
         entry: dict[str, Any] = {"box": box, "organ": organ, "area_mm2": round(_area_px(comp) * px_mm2, 2)}
         if comp.ndim == 3:
             entry["volume_ml"] = round(int(comp.sum()) * float(np.prod(study.spacing)) / 1000.0, 3)
@@ -107,10 +115,44 @@ def _describe(mask: np.ndarray, study: Any, backend: str) -> tuple[list[str], di
     return parts, data
 
 
+# Propagation stops where the object ends: the next slice's mask must overlap this one's and not
+# outgrow it (a box with no object left in it segments background, which is larger or elsewhere).
+PROPAGATE_MIN_OVERLAP = 0.5
+PROPAGATE_MAX_GROWTH = 1.25
+PROPAGATE_MARGIN = 2
+
+
+def propagate(ctx: ToolContext, study: Any, mask: np.ndarray, z: int) -> None:
+    """Extend a one-slice mask of a volume through the slices above and below, in place."""
+    h, w = study.shape2d
+    for step in (-1, 1):
+        prev, k = mask[z], z + step
+        while 0 <= k < mask.shape[0]:
+            b = mask_box(prev)
+            box = (
+                max(0.0, b[0] - PROPAGATE_MARGIN),
+                max(0.0, b[1] - PROPAGATE_MARGIN),
+                min(float(w), b[2] + PROPAGATE_MARGIN),
+                min(float(h), b[3] + PROPAGATE_MARGIN),
+            )
+            nxt = np.asarray(segment_plane(ctx, study.plane(k), study.modality, box=box), dtype=bool)
+            area = int(nxt.sum())
+            if (
+                area == 0
+                or area > PROPAGATE_MAX_GROWTH * prev.sum()
+                or (nxt & prev).sum() < PROPAGATE_MIN_OVERLAP * area
+            ):
+                break
+            mask[k] = nxt
+            prev, k = nxt, k + step
+
+
 def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
     study = ctx.get_study(args.study)
     prompt_box: list[float] | None = None
     if args.structure is not None:
+        if not ctx.oracle:
+            raise ToolInputError(ERR_PREDICTED_NAME.format(name=args.structure))
         if args.structure not in study.structures:
             raise ToolInputError(
                 f"unknown structure {args.structure!r}; this case has: {', '.join(sorted(study.structures))}. "
@@ -160,13 +202,16 @@ def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
         else:
             mask = np.zeros(study.image.shape, dtype=bool)
             mask[z] = mask2d
+            if args.propagate:
+                propagate(ctx, study, mask, z)
 
     mask_id = ctx.new_mask_id()
     ctx.masks[mask_id] = mask
-    parts, data = _describe(mask, study, backend)
+    # Organ labels come from ground-truth organ masks: only an oracle may print them.
+    parts, data = _describe(mask, study, backend, organs=ctx.oracle)
     where = "" if z is None else f" (slice {z})"
     text = f"{mask_id}: segmented {label}{where} - {len(parts)} component(s), area {data['area_mm2']:.1f} mm2"
-    if mask.ndim == 3 and args.structure is not None:
+    if mask.ndim == 3 and (args.structure is not None or args.propagate):
         volume = int(mask.sum()) * float(np.prod(study.spacing)) / 1000.0
         data["volume_ml"] = round(volume, 3)
         text += f" on its largest slice, volume {volume:.2f} mL"

@@ -76,6 +76,11 @@ class TraceHeader(TraceModel):
     study_hash: str | None = Field(default=None, description="``Study.content_hash()`` of the current study.")
     segmenter: str | None = Field(default=None, description="Segment backend that ran (medsam, sam, threshold).")
     sam_checkpoint: str | None = Field(default=None, description="SAM checkpoint path when segmenter is 'sam'.")
+    tool_mode: str | None = Field(
+        default=None,
+        description="'predicted' (no tool reads ground truth) or 'oracle' (tools read it: an upper bound); "
+        "None in files written before tool modes existed, whose tools behaved as 'oracle'.",
+    )
     # What scoring needs to judge numeric answers against tool evidence.
     unit: str | None = Field(default=None, description="Unit of a numeric answer ('' none; None: not recorded).")
     tolerance: float | None = Field(default=None, description="Relative tolerance of the numeric answer.")
@@ -97,6 +102,7 @@ ADDED_HEADER_FIELDS = (
     "study_hash",
     "segmenter",
     "sam_checkpoint",
+    "tool_mode",
     "unit",
     "tolerance",
     "abs_tolerance",

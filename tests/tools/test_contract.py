@@ -64,7 +64,7 @@ def _disk(n: int, r: float, cy: float, cx: float) -> np.ndarray:
 def test_measure_disk_diameter_within_one_pixel(radius, spacing):
     mask = _disk(128, radius, 64.0, 63.5)
     study = Study(image=np.full((128, 128), 42.0, np.float32), spacing=(spacing, spacing), structures={"disk": mask})
-    r = run_tool(TOOLS, "measure", {"target": "disk"}, ToolContext(study=study))
+    r = run_tool(TOOLS, "measure", {"target": "disk"}, ToolContext(study=study, tool_mode="oracle"))
     assert not r.error
     assert abs(r.data["longest_diameter_mm"] - 2 * radius * spacing) <= spacing
     assert abs(r.data["short_axis_mm"] - 2 * radius * spacing) <= 2 * spacing
@@ -79,7 +79,7 @@ def test_measure_respects_anisotropic_spacing_volume_and_distance():
     other = np.zeros_like(vol)
     other[2:6, 40:50, 10:30] = True
     study = Study(image=np.zeros(vol.shape, np.float32), spacing=(2.5, 0.7, 0.5), structures={"a": vol, "b": other})
-    r = run_tool(TOOLS, "measure", {"target": "a", "to": "b"}, ToolContext(study=study))
+    r = run_tool(TOOLS, "measure", {"target": "a", "to": "b"}, ToolContext(study=study, tool_mode="oracle"))
     assert r.data["volume_ml"] == pytest.approx(4 * 10 * 20 * 2.5 * 0.7 * 0.5 / 1000, rel=1e-3)
     assert r.data["longest_diameter_mm"] == pytest.approx(np.hypot(9 * 0.7, 19 * 0.5), abs=1e-3)
     assert r.data["edge_distance_mm"] == pytest.approx((40 - 19) * 0.7, abs=1e-3)
@@ -121,7 +121,7 @@ def test_measure_reports_the_long_axis_angle(angle):
     study = Study(
         image=np.zeros((200, 200), np.float32), spacing=(1.0, 1.0), structures={"e": (u / 60) ** 2 + (v / 15) ** 2 <= 1}
     )
-    r = run_tool(TOOLS, "measure", {"target": "e"}, ToolContext(study=study))
+    r = run_tool(TOOLS, "measure", {"target": "e"}, ToolContext(study=study, tool_mode="oracle"))
     got = r.data["long_axis_angle_deg"]
     assert min(abs(got - angle), 180 - abs(got - angle)) <= 3.0
     assert r.data["longest_diameter_mm"] == pytest.approx(120, abs=2)

@@ -33,7 +33,7 @@ def nuclei() -> tuple[Study, np.ndarray]:
 
 
 def test_window_on_real_ct_maps_hounsfield_units(ct):
-    ctx = ToolContext(study=ct)
+    ctx = ToolContext(study=ct, tool_mode="oracle")
     for preset, (centre, width) in {"lung": (-600, 1500), "bone": (400, 1800)}.items():
         shown = run_tool(TOOLS, "window", {"preset": preset}, ctx).images[0][..., 0].astype(float)
         expected = np.clip((ct.image - (centre - width / 2)) / width, 0, 1) * 255
@@ -43,14 +43,14 @@ def test_window_on_real_ct_maps_hounsfield_units(ct):
 
 
 def test_zoom_on_real_ct_keeps_the_windowed_pixels(ct):
-    r = run_tool(TOOLS, "zoom", {"boxes": [[32, 32, 96, 96]], "size": 64}, ToolContext(study=ct))
-    full = run_tool(TOOLS, "window", {"preset": "soft_tissue"}, ToolContext(study=ct)).images[0]
+    r = run_tool(TOOLS, "zoom", {"boxes": [[32, 32, 96, 96]], "size": 64}, ToolContext(study=ct, tool_mode="oracle"))
+    full = run_tool(TOOLS, "window", {"preset": "soft_tissue"}, ToolContext(study=ct, tool_mode="oracle")).images[0]
     assert np.array_equal(r.images[0], full[32:96, 32:96])  # same size: the crop is the displayed pixels
 
 
 def test_measure_on_real_nuclei_matches_the_label_map(nuclei):
     study, labels = nuclei
-    ctx = ToolContext(study=study)
+    ctx = ToolContext(study=study, tool_mode="oracle")
     r = run_tool(TOOLS, "measure", {"target": "nuclei"}, ctx)
     expected = ndimage.label(labels > 0, structure=np.ones((3, 3)))[1]
     assert r.data["components"] == expected

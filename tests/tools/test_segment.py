@@ -32,7 +32,7 @@ def check_ctx(segmenter: str = "threshold") -> ToolContext:
     image = np.where(body, 40.0, -1000.0) + np.where(lesion, 60.0, 0.0) + rng.normal(0, 8, (256, 256))
     structures = {"body": body, "lesion": lesion, "lesion_1": lesion, "empty": np.zeros((256, 256), bool)}
     study = Study(image=image.astype(np.float32), spacing=(0.8, 0.8), structures=structures)
-    return ToolContext(study=study, segmenter=segmenter)
+    return ToolContext(study=study, segmenter=segmenter, tool_mode="oracle")
 
 
 def test_contract() -> None:
@@ -54,7 +54,7 @@ def _nuclei() -> tuple[np.ndarray, np.ndarray]:
 def test_medsam_nuclei_dice_and_embedding_cache() -> None:
     img, gt = _nuclei()
     study = Study(image=img.astype(np.float32), spacing=(1.0, 1.0), modality="microscopy")
-    ctx = ToolContext(study=study, segmenter="medsam")
+    ctx = ToolContext(study=study, segmenter="medsam", tool_mode="oracle")
     labels, counts = np.unique(gt[gt > 0], return_counts=True)
     largest = labels[np.argsort(-counts, kind="stable")][:8]
 
@@ -204,7 +204,7 @@ def ct3d_ctx() -> ToolContext:
         "empty": np.zeros(shape, bool),
     }
     study = Study(image=image.astype(np.float32), spacing=(3.0, 0.7, 0.7), structures=structures, display_slice=5)
-    return ToolContext(study=study, segmenter="threshold")
+    return ToolContext(study=study, segmenter="threshold", tool_mode="oracle")
 
 
 def test_structure_on_3d_study_is_exact_with_organs() -> None:

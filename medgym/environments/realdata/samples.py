@@ -540,13 +540,20 @@ class SamplesSource:
 
     name = "samples"
 
-    def __init__(self, templates: list[str] | None = None, stages: list[str] | None = None):
+    def __init__(
+        self, templates: list[str] | None = None, stages: list[str] | None = None, tool_mode: str = "predicted"
+    ):
+        from medgym.environments.expert import oracle_only
+
         unknown = set(templates or []) - set(SAMPLE_TEMPLATES)
         if unknown:
             raise ValueError(f"unknown sample templates {sorted(unknown)}; choose from {sorted(SAMPLE_TEMPLATES)}")
         names = [n for n in available_templates() if templates is None or n in templates]
         if stages:
             names = [n for n in names if SAMPLE_TEMPLATES[n].stage in stages]
+        if tool_mode != "oracle":  # questions no honest tool path answers (see medgym.environments.expert)
+            names = [n for n in names if not oracle_only(n)]
+        self.tool_mode = tool_mode
         if not names:
             raise ValueError(
                 "no sample left: install stardist, nilearn or pydicom (their wheels carry the images), "
