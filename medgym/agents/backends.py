@@ -281,7 +281,8 @@ class OpenAIBackend:
 
 # ----------------------------------------------------------------------------- transformers
 
-# A Qwen2.5-VL-style chat template with Hermes tool calling, used when a processor has none.
+# A Qwen2.5-VL-style chat template with Hermes tool calling, used when a processor has none. Tool turns
+# render as Qwen's do (a user turn in <tool_response>), their images kept in place.
 QWEN_VL_TOOL_TEMPLATE = (
     "{%- set image_count = namespace(value=0) -%}"
     "{%- if tools %}<|im_start|>system\n"
@@ -295,13 +296,15 @@ QWEN_VL_TOOL_TEMPLATE = (
     "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
     "{%- for message in messages %}"
     "{%- if not (loop.first and message.role == 'system') %}"
-    "<|im_start|>{{ message.role }}\n"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{%- endif %}"
     "{%- if message.content is string %}{{ message.content }}"
     "{%- else %}{%- for part in message.content %}"
     "{%- if part.type == 'image' %}{%- set image_count.value = image_count.value + 1 -%}"
     "<|vision_start|><|image_pad|><|vision_end|>"
     "{%- elif part.type == 'text' %}{{ part.text }}{%- endif %}"
-    "{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- endfor %}{%- endif %}"
+    "{%- if message.role == 'tool' %}\n</tool_response>{%- endif %}<|im_end|>\n"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

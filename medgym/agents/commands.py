@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from medgym.agents.web import serve
+    from medgym.agents.web import check_token, serve
 
+    token = args.token or os.environ.get("MEDGYM_TOKEN") or None
+    try:
+        check_token(token, args.host)  # before loading a model: refuse at once, saying how to fix it
+    except ValueError as exc:
+        raise SystemExit(f"medgym web: {exc}") from None
     data = Path(args.data)
     ctx = _context(args, args.backend)
-    print(f"medgym web on http://{args.host}:{args.port}  (db {args.db}, data {data}, backend {args.backend})")
-    serve(args.host, args.port, args.db, data, ctx)
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    url = f"http://{args.host}:{args.port}/" + ("?token=YOUR_TOKEN  (once; the page keeps it)" if token else "")
+    print(f"medgym web on {url}  (db {args.db}, data {data}, backend {args.backend})")
+    serve(args.host, args.port, args.db, data, ctx, allowed_hosts=hosts, token=token)
     return 0
 
 
@@ -162,5 +170,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--port", type=int, default=7860)
     w.add_argument("--db", default="medgym-web/chat.sqlite", help="SQLite file of the conversations")
     w.add_argument("--data", default="medgym-web", help="folder for uploads, images and traces")
+    w.add_argument(
+        "--token",
+        default=None,
+        help="access token every /api/ call needs (else $MEDGYM_TOKEN, preferred: a command line is visible to "
+        "other users); required off loopback. Open the page once as /?token=TOKEN",
+    )
+    w.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated host names the server answers to besides loopback and the bound address "
+        "(e.g. chat.lan,192.168.1.5; '*' for any)",
+    )
     _add_run_options(w)
     w.set_defaults(func=cmd_web)

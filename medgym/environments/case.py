@@ -10,8 +10,8 @@ from typing import Any, Literal
 import numpy as np
 
 from medgym.tools.base import Study
+from medgym.traces.schema import STAGES
 
-STAGES = ("recognition", "measurement", "visual_reasoning", "medical_reasoning")
 Stage = Literal["recognition", "measurement", "visual_reasoning", "medical_reasoning"]
 AnswerType = Literal["mc", "yesno", "numeric", "box", "open"]
 

@@ -47,17 +47,21 @@ SUMMARY_KEYS = (
 )
 
 
-def run_episode(env: gym.Env, policy: Policy, case_seed: int, temperature: float = 0.0) -> dict[str, Any]:
-    """One episode of ``policy`` on the case of ``case_seed``: its turns, calls and final info."""
-    obs, info = env.reset(seed=case_seed, options={"case_seed": case_seed})
+def run_episode(
+    env: gym.Env, policy: Policy, case_seed: int, temperature: float = 0.0, case: Case | None = None
+) -> dict[str, Any]:
+    """One episode of ``policy`` on the case of ``case_seed`` (or on ``case`` itself): turns, calls and final info."""
+    options: dict[str, Any] = {"case": case} if case is not None else {"case_seed": case_seed}
+    obs, info = env.reset(seed=case_seed, options=options)
     base = env.unwrapped
-    case: Case = base.case  # type: ignore[attr-defined]
+    case = base.case  # type: ignore[attr-defined]
     bound = bind_case(policy, case)
     # The unsanitised question and full-resolution pictures, as the agent graph and the TRL bridge show them.
     messages: list[Message] = question_messages(base.question_text(), base.question_images(), base.tool_mode)  # type: ignore[attr-defined]
     terminated = truncated = False
     turns, calls, tool_errors, format_errors, seconds = 0, Counter(), 0, 0, 0.0
     reward = 0.0
+    all_records: list = []
     while not (terminated or truncated):
         t0 = time.perf_counter()
         action = bound.next_turn(messages, temperature=temperature)
@@ -69,6 +73,7 @@ def run_episode(env: gym.Env, policy: Policy, case_seed: int, temperature: float
             format_errors += 1
             messages.append({"role": "user", "content": info["format_error"], "images": [], "kind": "format_error"})
         records = info.get("calls") or []
+        all_records += records
         calls.update(r.name for r in records)
         tool_errors += info.get("tool_errors", 0)
         messages += tool_messages(records, base.max_images)  # type: ignore[attr-defined]
@@ -80,6 +85,7 @@ def run_episode(env: gym.Env, policy: Policy, case_seed: int, temperature: float
         "truncated": truncated and not terminated,
         "turns": turns,
         "calls": calls,
+        "records": all_records,
         "tool_errors": tool_errors,
         "format_errors": format_errors,
         "seconds": seconds,

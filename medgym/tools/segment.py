@@ -51,9 +51,9 @@ class SegmentArgs(ToolArgs):
     )
     structure: str | None = Field(
         default=None,
-        description="Oracle mode only (an upper bound): name of a ground-truth structure of this case to take "
-        "exactly, e.g. 'liver', 'lesion'. In predicted mode (the default) no automatic segmenter ships, so no "
-        "names are offered: prompt with a box or point.",
+        description="Oracle mode only (an upper bound): the name of a ground-truth structure listed in the "
+        "question, taken exactly. In predicted mode (the default) no automatic segmenter ships, so no names are "
+        "offered: prompt with a box or point.",
     )
     slice_index: int | None = SliceField
     propagate: bool = Field(
@@ -226,10 +226,10 @@ def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
 
 SPEC = ToolSpec(
     name="segment",
-    description="Segment one object and store its mask (returns a mask id such as 'mask_1' for measure). "
-    "Prompt with exactly one of: a box around the object, a point inside it, or the name of a structure "
-    "of the case (exact; 3D on volumes). Reports each connected component's box and the organ it lies in, "
-    "and shows the mask overlaid on the image.",
+    description="Segment one object from a prompt and store its mask (returns a mask id such as 'mask_1' for "
+    "measure). Prompt with exactly one of: a box around the object or a point inside it (the segmenter reads the "
+    "pixels), or - in oracle mode only - the name of a ground-truth structure. Reports each connected component's "
+    "box and area, and shows the mask overlaid on the image.",
     input_model=SegmentArgs,
     fn=segment,
     examples=({"structure": "lesion_1"}, {"box": [60, 60, 140, 140]}),

@@ -26,7 +26,7 @@ tool loop does).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,17 +146,19 @@ def export_sft(
     out: Path | str,
     keep: ExportFilter | None = None,
     tool_images: ToolImages = "tool",
+    *,
+    system_prompt: Callable[[str], str],
 ) -> ExportStats:
-    """Write the kept episodes of trace files as a ``datasets`` Dataset (``save_to_disk``) in ``out``."""
-    from datasets import Dataset
+    """Write the kept episodes of trace files as a ``datasets`` Dataset (``save_to_disk``) in ``out``.
 
-    # Lazy: environments imports traces; the system prompt lives with the env.
-    from medgym.environments.env import system_prompt
+    ``system_prompt(tool_mode)`` gives each episode's system text (the caller passes the contract's:
+    ``traces`` imports nothing above it). Episodes recorded before tool modes count as ``oracle``.
+    """
+    from datasets import Dataset
 
     if tool_images not in ("tool", "user"):
         raise ValueError(f"tool_images must be 'tool' or 'user', got {tool_images!r}")
     keep = keep or ExportFilter()
-    system = system_prompt()
     stats = ExportStats()
     rows: list[dict[str, Any]] = []
     for path in paths:
@@ -169,6 +171,7 @@ def export_sft(
             if not keep.keep(ep):
                 continue
             try:
+                system = system_prompt(ep.header.tool_mode or "oracle")
                 rows.append(episode_row(ep, store, system, tool_images))
             except (FileNotFoundError, OSError) as exc:
                 msg = f"{path}: episode {ep.header.episode_id} ({ep.header.case_id}) left out: {exc}"

@@ -14,11 +14,10 @@ exactly, the error flag, every value of the structured data (numbers within
 content hash), and lines of the file that do not load (a torn last line is reported
 and the episodes before it are still replayed).
 
-Import rule: ``traces`` is the bottom layer, and ``tools`` and ``environments`` import
-it (to write traces). Replay needs both (the tool registry, the sources that rebuild
-cases), so it imports them *inside* :func:`rebuild_case` and :func:`replay_episode`,
-when a replay actually runs; importing this module stays free of them and cycles.
-The comparison itself (:func:`diff_values`, :func:`compare_call`) is pure.
+This module is the pure half (``traces`` is the bottom layer and imports nothing above
+it): the report types, the comparison (:func:`diff_values`, :func:`compare_call`) and the
+integrity checks. The re-run half — rebuilding cases, running the calls through the one
+call runner — is :mod:`medgym.evaluation.replay`.
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from medgym.traces.schema import ToolCallRecord, TraceEpisode, TraceHeader
-from medgym.traces.store import ImageStore, image_hash, iter_lines
+from medgym.traces.schema import ToolCallRecord, TraceEpisode
+from medgym.traces.store import ImageStore, image_hash
 
 log = logging.getLogger(__name__)
 
@@ -274,200 +272,3 @@ def verify_episode(episode: TraceEpisode, images: ImageChecker | None) -> list[s
 
 
 # ----------------------------------------------------------------- re-running (lazy imports)
-
-
-def segmenter_of(episode: TraceEpisode, override: str | None = None) -> str:
-    """The segment backend to replay with: override, header, the backend recorded by segment, or the default."""
-    if override:
-        return override
-    if episode.header.segmenter:
-        return episode.header.segmenter
-    for step in episode.steps:
-        for call in step.calls:
-            backend = call.data.get("backend") if call.name == "segment" else None
-            if backend in ("medsam", "sam", "threshold"):
-                return backend
-    return FALLBACK_SEGMENTER
-
-
-class CaseBuilder:
-    """Rebuilds recorded cases; one source object per (spec, settings)."""
-
-    def __init__(self, cases_dir: Path | str | None = None):
-        self.cases_dir = Path(cases_dir) if cases_dir is not None else None
-        self._sources: dict[str, Any] = {}
-
-    def build(self, header: TraceHeader) -> Any:
-        """The case of a header (a ``medgym.environments.case.Case``); raises ValueError when impossible."""
-        # Lazy: environments imports traces, so traces may only import it while replaying.
-        import json
-
-        from medgym.environments.case import Case
-        from medgym.environments.sources import make_source
-
-        if self.cases_dir is not None:
-            path = self.cases_dir / f"{header.case_id}.json"
-            if path.exists():
-                return Case.load(path)
-        if header.seed is None:
-            raise ValueError(ERR_NO_CASE.format(why="the trace has no seed; pass --cases DIR with the saved case"))
-        spec = header.source_spec or header.source
-        key = json.dumps([spec, header.source_config], sort_keys=True, default=str)
-        if key not in self._sources:
-            try:
-                self._sources[key] = make_source(spec, **header.source_config)
-            except (ValueError, TypeError, OSError) as exc:
-                raise ValueError(ERR_NO_CASE.format(why=f"source {spec!r}: {exc}")) from exc
-        return self._sources[key].case(header.seed)
-
-
-def case_mismatch(header: TraceHeader, case: Any) -> str | None:
-    """Why a rebuilt case is not the recorded one, or None."""
-    from medgym.tools.imaging import to_display
-
-    if header.case_id != case.case_id:
-        return f"case id recorded {header.case_id}, rebuilt {case.case_id}"
-    if header.study_hash is not None:
-        got = case.study.content_hash()
-        return None if got == header.study_hash else f"study hash recorded {header.study_hash}, rebuilt {got}"
-    if header.image is not None:
-        got = image_hash(to_display(case.study.plane(), case.study.modality))
-        return None if got == header.image else f"question image hash recorded {header.image[:12]}, rebuilt {got[:12]}"
-    return None
-
-
-def replay_episode(
-    episode: TraceEpisode,
-    case: Any,
-    segmenter: str,
-    sam_checkpoint: str | None = None,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
-    position: tuple[int, int] = (1, 1),
-) -> tuple[int, list[StepDiff], list[str]]:
-    """Re-run an episode's calls in order on a fresh context: (calls run, differing calls, notes)."""
-    # Lazy: tools imports traces (indirectly, through environments), see the module docstring.
-    from pydantic_core import to_jsonable_python
-
-    from medgym.tools import TOOLS, ToolContext, run_tool
-
-    ctx = ToolContext(study=case.study, prior=case.prior, segmenter=segmenter, sam_checkpoint=sam_checkpoint)
-    n, diffs, notes = 0, [], []
-    episode_no, line = position
-    for step in episode.steps:
-        for k, call in enumerate(step.calls, start=1):
-            n += 1
-            try:
-                result = run_tool(TOOLS, call.name, call.arguments, ctx)
-            except Exception as exc:  # a tool bug: name the step instead of stopping the replay
-                log.debug("%s raised during replay", call.name, exc_info=True)
-                what = [f"the tool raised {type(exc).__name__}: {exc}"]
-                diffs.append(
-                    StepDiff(
-                        episode_no,
-                        line,
-                        episode.header.episode_id,
-                        episode.header.case_id,
-                        step.index,
-                        k,
-                        call.name,
-                        what,
-                    )
-                )
-                continue
-            fresh = ToolCallRecord(
-                name=call.name,
-                arguments=call.arguments,
-                text=result.text,
-                data=to_jsonable_python(result.data),
-                images=[image_hash(img) for img in result.images],
-                error=result.error,
-            )
-            what = compare_call(call, fresh, rtol, atol)
-            now = TOOLS[call.name].version if call.name in TOOLS else None
-            if call.tool_version is not None and now != call.tool_version:
-                note = f"{call.name} was recorded at version {call.tool_version}, now {now}"
-                notes.append(note)
-                if what:
-                    what.append(note)
-            if what:
-                diffs.append(
-                    StepDiff(
-                        episode=episode_no,
-                        line=line,
-                        episode_id=episode.header.episode_id,
-                        case_id=episode.header.case_id,
-                        step=step.index,
-                        call=k,
-                        tool=call.name,
-                        what=what,
-                    )
-                )
-    return n, diffs, sorted(set(notes))
-
-
-def replay_file(
-    path: Path | str,
-    verify: bool = False,
-    cases_dir: Path | str | None = None,
-    segmenter: str | None = None,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
-    limit: int | None = None,
-    progress: Any = None,
-) -> ReplayReport:
-    """Replay (and with ``verify``, check the integrity of) every episode of a trace file.
-
-    ``progress`` is an optional tqdm-like object with ``update()``; the CLI passes a bar.
-    """
-    path = Path(path)
-    report = ReplayReport(path=str(path), verified=verify)
-    builder = CaseBuilder(cases_dir)
-    checker = ImageChecker(ImageStore(path.parent / "images", create=False)) if verify else None
-    from medgym.environments.env import prompt_hash  # lazy, see the module docstring
-
-    prompt_now = prompt_hash()
-    count = 0
-    for lineno, item in iter_lines(path):
-        if isinstance(item, str):
-            log.info("%s: %s", path, item)
-            report.file_problems.append(item)
-            continue
-        if limit is not None and count >= limit:
-            break
-        count += 1
-        header = item.header
-        result = EpisodeReplay(episode=count, line=lineno, episode_id=header.episode_id, case_id=header.case_id)
-        report.episodes.append(result)
-        if verify:
-            result.problems += verify_episode(item, checker)
-        if header.prompt_hash and header.prompt_hash != prompt_now:
-            # Tool results do not depend on the prompt; the model's turns might have.
-            result.notes.append(f"the system prompt changed since recording ({header.prompt_hash} -> {prompt_now})")
-        try:
-            case = builder.build(header)
-        except ValueError as exc:
-            result.problems.append(str(exc))
-            case = None
-        except Exception as exc:  # a source that crashes on this seed: report it, replay the rest
-            log.debug("rebuilding %s failed", header.case_id, exc_info=True)
-            result.problems.append(ERR_NO_CASE.format(why=f"{type(exc).__name__}: {exc}"))
-            case = None
-        if case is not None:
-            mismatch = case_mismatch(header, case)
-            if mismatch:
-                result.problems.append(ERR_CASE_DIFFERS.format(what=mismatch))
-            else:
-                result.calls, result.diffs, notes = replay_episode(
-                    item,
-                    case,
-                    segmenter_of(item, segmenter),
-                    header.sam_checkpoint,
-                    rtol,
-                    atol,
-                    position=(count, lineno),
-                )
-                result.notes += notes
-        if progress is not None:
-            progress.update(1)
-    return report

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The four question stages, in order (the task sources stage their questions with these names).
+STAGES = ("recognition", "measurement", "visual_reasoning", "medical_reasoning")
 SCHEMA_VERSION = 1
 ERR_NEWER_SCHEMA = (
     "trace schema version {found} is newer than this medgym understands (up to {known}); "

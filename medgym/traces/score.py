@@ -31,12 +31,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medgym.traces.schema import TraceEpisode
+from medgym.traces.schema import STAGES, TraceEpisode
 from medgym.traces.store import read_traces
 
-# The four question stages, in the order of medgym.environments.case.STAGES (traces may
-# not import environments; a test checks the two agree).
-STAGES = ("recognition", "measurement", "visual_reasoning", "medical_reasoning")
 NON_QUANTITY_UNITS = ("", "%")
 EVIDENCE_TOOL = "measure"
 

@@ -17,8 +17,6 @@ from medgym.agents.backends import BackendUnavailable, DemoBackend, EmbeddedBack
 from medgym.agents.graph import (
     ERR_BACKEND,
     ERR_BUDGET,
-    ERR_TOO_MANY_CALLS,
-    MAX_CALLS_PER_TURN,
     AgentContext,
     build_graph,
     decode_mask,
@@ -30,6 +28,7 @@ from medgym.agents.session import ChatAgent
 from medgym.environments import ENV_ID
 from medgym.environments.parsing import ERR_EMPTY
 from medgym.environments.policies import ExpertPolicy
+from medgym.environments.runner import ERR_TOO_MANY_CALLS, MAX_CALLS_PER_TURN
 from medgym.environments.sources import PhantomSource
 from medgym.tools import TOOLS
 from medgym.tools.base import ERR_BAD_INPUT, ERR_UNKNOWN_TOOL
@@ -39,49 +38,48 @@ REPO = Path(__file__).resolve().parents[2]
 ZOOM = '<tool_call>{"name": "zoom", "arguments": {"boxes": [[40, 40, 120, 120]]}}</tool_call>'
 
 
-def _env_expert_run(seed: int) -> tuple[list[str], str | None]:
+def _env_expert_run(seed: int, mode: str) -> tuple[list[str], str | None]:
     """Tool texts and the answer the env gives the expert on one case."""
-    env = gym.make(ENV_ID, segmenter="threshold")
-    obs, _ = env.reset(seed=seed, options={"case_seed": seed})
-    case = env.unwrapped.case
-    policy = ExpertPolicy()
-    policy.reset(case, obs)
-    texts, done, info = [], False, {}
-    while not done:
-        obs, _, term, trunc, info = env.step(policy.act(obs))
-        done = term or trunc
-        if not done:
-            texts.append(obs["text"])
-    return texts, info.get("answer")
+    from medgym.environments.evaluate import run_episode
+
+    env = gym.make(ENV_ID, segmenter="threshold", tool_mode=mode)
+    ep = run_episode(env, ExpertPolicy(tool_mode=mode), seed)
+    env.close()
+    return [r.observation for r in ep["records"]], ep["info"].get("answer")
 
 
-def test_expert_backend_matches_env_expert_traces_on_20_cases(tmp_path):
+@pytest.mark.parametrize("mode", ["oracle", "predicted"])
+def test_expert_backend_matches_env_expert_traces_on_20_cases(tmp_path, mode):
+    from medgym.environments.expert import expert_calls
+
     source = PhantomSource()
-    ctx = AgentContext(backend="expert", data_dir=str(tmp_path), segmenter="threshold")
+    ctx = AgentContext(backend="expert", data_dir=str(tmp_path), segmenter="threshold", tool_mode=mode)
+    n = 20 if mode == "oracle" else 8
     with ChatAgent(tmp_path / "chat.sqlite", ctx) as agent:
-        for seed in range(20):
+        for seed in range(n):
             case = source.case(seed)
             done = agent.run(f"case-{seed}", "", {"kind": "phantom", "seed": seed})
             messages = agent.history(f"case-{seed}")
             tool_msgs = [m for m in messages if m["role"] == "tool"]
             assert [(m["name"], m["arguments"]) for m in tool_msgs] == [
-                (c.name, c.arguments) for c in case.expert_calls
+                (c.name, c.arguments) for c in expert_calls(case, mode)
             ]
             assert not any(m["error"] for m in tool_msgs), seed
             turns = [m["content"] for m in messages if m["role"] == "assistant"]
-            assert turns[-1] == case.expert_answer
-            assert done["status"] == "answered" and done["answer"] == case.answer
-            if seed < 4:  # the tool results are the env's, text for text
-                env_texts, env_answer = _env_expert_run(seed)
-                assert [m["content"] for m in tool_msgs] == env_texts and env_answer == case.answer
+            if mode == "oracle":
+                assert turns[-1] == case.expert_answer
+                assert done["status"] == "answered" and done["answer"] == case.answer
+            if seed < 4:  # the tool results and the answer are the env's, text for text
+                env_texts, env_answer = _env_expert_run(seed, mode)
+                assert [m["content"] for m in tool_msgs] == env_texts and env_answer == done["answer"]
             result = next(m for m in messages if m.get("kind") == "result")
-            assert result["score"]["correct"] is True
+            assert result["score"]["correct"] is (True if mode == "oracle" else result["score"]["correct"])
     traces = read_traces(tmp_path / "traces.jsonl")
-    assert len(traces.episodes) == 20 and not traces.problems
+    assert len(traces.episodes) == n and not traces.problems
     first = traces.episodes[0]
     assert first.header.source == "phantom" and first.header.case_id == "phantom-0"
-    assert [c.name for s in first.steps for c in s.calls] == [c.name for c in source.case(0).expert_calls]
-    assert first.final_answer == source.case(0).answer and first.score["answer"] == 1.0
+    assert first.header.tool_mode == mode and first.header.source_spec == "phantom" and first.header.study_hash
+    assert [c.name for s in first.steps for c in s.calls] == [c.name for c in expert_calls(source.case(0), mode)]
 
 
 def test_images_returned_by_tools_reach_the_model(tmp_path):
@@ -90,7 +88,8 @@ def test_images_returned_by_tools_reach_the_model(tmp_path):
     with ChatAgent(tmp_path / "c.sqlite", ctx) as agent:
         agent.run("t", "What is in the top left?", {"kind": "phantom", "seed": 1})
     first, second = backend.calls
-    assert first[0]["role"] == "system" and '"name": "zoom"' in first[0]["content"]
+    # The system prompt is the contract's; tools travel through tools=, never in the system text.
+    assert first[0]["role"] == "system" and '"name": "zoom"' not in first[0]["content"]
     assert first[1]["role"] == "user" and len(first[1]["images"]) >= 1
     tool = [m for m in second if m["role"] == "tool"]
     assert len(tool) == 1 and tool[0]["content"].startswith("[zoom] Zoomed")
@@ -180,7 +179,7 @@ def test_session_resumes_after_restart_with_history_and_masks(tmp_path):
     db = tmp_path / "chat.sqlite"
     first = ScriptedBackend(
         [
-            '<tool_call>{"name": "segment", "arguments": {"structure": "lesion"}}</tool_call>',
+            '<tool_call>{"name": "segment", "arguments": {"box": [90, 90, 170, 170]}}</tool_call>',
             "<answer>one lesion</answer>",
         ]
     )
@@ -242,8 +241,8 @@ def test_reliability_index_reports_agreement_of_sampled_runs(tmp_path):
 def test_embedded_backend_is_wired_but_says_how_to_get_a_checkpoint(tmp_path):
     with pytest.raises(BackendUnavailable, match="medgym train"):
         EmbeddedBackend(tmp_path / "no-policy")
-    with pytest.raises(BackendUnavailable, match="--case-seed"):
-        make_backend("expert", case=None)
+    with pytest.raises(ValueError, match="--case-seed"):
+        make_backend("expert").for_case(None)
     import re
 
     for path in (REPO / "medgym" / "agents").glob("*.py"):  # agents never import rl

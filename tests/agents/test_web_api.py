@@ -15,13 +15,14 @@ from pydicom.data import get_testdata_file
 
 from medgym.agents import studies, web
 from medgym.agents.graph import AgentContext
+from medgym.agents.local_server import serve_in_thread
 from medgym.agents.studies import ERR_NOT_IMAGE
 
 
 @pytest.fixture
 def client(tmp_path):
     app = web.create_app(tmp_path / "chat.sqlite", tmp_path / "data", context=AgentContext(backend="expert"))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # the server answers to loopback names only
         yield c
 
 
@@ -158,12 +159,9 @@ def test_phantom_session_with_the_expert(client):
 
 def test_chat_streams_each_step_as_it_happens(tmp_path):
     """Events leave the server when they are made, not at the end of the run."""
-    import socket
-    import threading
     import time
 
     import httpx
-    import uvicorn
 
     class Slow:
         model_id = "slow"
@@ -175,26 +173,13 @@ def test_chat_streams_each_step_as_it_happens(tmp_path):
             return '<tool_call>{"name": "zoom", "arguments": {"boxes": [[10, 10, 60, 60]]}}</tool_call>'
 
     app = web.create_app(tmp_path / "c.sqlite", tmp_path / "data", context=AgentContext(backend=Slow()))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
+    with serve_in_thread(app) as base:
         arrivals = {}
         start = time.perf_counter()
-        with httpx.stream(
-            "POST", f"http://127.0.0.1:{port}/api/chat", json={"case_seed": 1, "question": "q?"}, timeout=60
-        ) as r:
+        with httpx.stream("POST", f"{base}/api/chat", json={"case_seed": 1, "question": "q?"}, timeout=60) as r:
             for line in r.iter_lines():
                 if line.strip():
                     arrivals.setdefault(json.loads(line)["kind"], time.perf_counter() - start)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     # each model turn sleeps 0.8 s: the events before it arrived that much earlier than those after it
     assert arrivals["question"] < arrivals["turn"] < arrivals["tool"] < arrivals["result"]
     assert arrivals["turn"] - arrivals["question"] >= 0.7 and arrivals["result"] - arrivals["tool"] >= 0.7

@@ -1,4 +1,8 @@
-"""The web chat in headless Chromium: upload, ask, watch the streamed answer and overlay, restart, history kept."""
+"""The web chat in headless Chromium: upload, ask, watch the streamed answer and overlay, restart, history kept.
+
+The server runs with an access token (the page gets it from ``/?token=``, then keeps it in a cookie)
+and its Content-Security-Policy: the page must work under both, with no CSP violation reported.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ from PIL import Image
 from medgym.agents.local_server import free_port, spawn_web, stop_web
 
 REPO = Path(__file__).resolve().parents[2]
+TOKEN = "browser-test-token-0123456789"
+
+
+def watch_console(page, problems: list[str]) -> None:
+    """Collect CSP violations and script errors the page reports."""
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
 
 
 def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium):
@@ -22,12 +33,17 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium)
     Image.fromarray(arr).save(png)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = spawn_web(port, tmp_path)
+    problems: list[str] = []
+    proc = spawn_web(port, tmp_path, token=TOKEN)
     try:
         with sync_playwright() as pw:
             browser = chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
-            page.goto(url)
+            page.goto(url)  # no token yet: the page says how to give it
+            expect(page.locator("#upload-status")).to_contain_text("/?token=TOKEN", timeout=20_000)
+            page.goto(f"{url}?token={TOKEN}")
+            assert page.url == url  # the token left the address; a cookie carries it
+            watch_console(page, problems)
             page.set_input_files("#file", str(png))
             expect(page.locator("#preview")).to_be_visible(timeout=20_000)
             page.fill("#question", "How large is the bright disc?")
@@ -47,11 +63,14 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium)
             assert "#s=" in session_url
             browser.close()
         stop_web(proc)
-        proc = spawn_web(port, tmp_path)  # same DB file: the history must come back
+        proc = spawn_web(port, tmp_path, token=TOKEN)  # same DB file: the history must come back
         with sync_playwright() as pw:
             browser = chromium(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
-            page.goto(session_url)
+            watch_console(page, problems)
+            session_hash = session_url[session_url.index("#") :]
+            page.goto(f"{url}?token={TOKEN}{session_hash}")  # a fresh browser: token again, session kept
+            assert page.url == url + session_hash
             expect(page.locator(".msg.result")).to_have_count(1, timeout=20_000)
             expect(page.locator(".msg.question")).to_contain_text("How large is the bright disc?")
             page.fill("#question", "Is it round?")
@@ -60,5 +79,6 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium)
             expect(page.locator(".msg.question")).to_have_count(2)
             page.screenshot(path=str(REPO / "artifacts" / "web_chat_after_restart.png"), full_page=True)
             browser.close()
+        assert not problems, problems
     finally:
         stop_web(proc)

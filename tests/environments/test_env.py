@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from medgym.environments import ENV_ID, MAX_EPISODE_STEPS
-from medgym.environments.env import system_prompt
+from medgym.environments.env import system_prompt, tool_schemas
 from medgym.environments.parsing import ERR_BOTH, ERR_EMPTY
 from medgym.environments.rewards import FORMAT_PENALTY
 from medgym.tools import TOOLS
@@ -43,7 +43,9 @@ def test_same_seed_same_case_and_observation():
 def test_scripted_turns_valid_wrong_and_no_call():
     env = make()
     obs, info = env.reset(seed=5)
-    assert system_prompt().count('"name"') >= len(TOOLS)
+    # Tools reach the model through tools= (the contract's schemas), never pasted into the system text.
+    assert [t["function"]["name"] for t in tool_schemas()] == sorted(TOOLS)
+    assert not any(f'"{name}"' in system_prompt() for name in TOOLS)
     # one valid call
     box = [40, 40, 120, 120]
     obs, r, term, trunc, info = env.step(

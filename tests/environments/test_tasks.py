@@ -72,8 +72,8 @@ def test_rules_match_the_knowledge_base_boundaries():
     assert response_category(30, 36) == "progressive disease"
 
 
-def test_expert_scores_at_least_098_on_every_stage_over_200_fresh_seeds():
-    summary = evaluate(ExpertPolicy(), n=200, seed=10_000, segmenter="threshold")
+def test_oracle_expert_scores_at_least_098_on_every_stage_over_200_fresh_seeds():
+    summary = evaluate(ExpertPolicy(tool_mode="oracle"), n=200, seed=10_000, segmenter="threshold", tool_mode="oracle")
     assert set(summary["by_stage"]) == set(STAGES)
     assert min(summary["by_stage"].values()) >= 0.98, summary
     assert summary["mean_iou"] >= 0.98 and summary["tool_errors"] == 0 and summary["format_errors"] == 0

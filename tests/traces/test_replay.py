@@ -9,7 +9,8 @@ from pathlib import Path
 
 from medgym.cli import main
 from medgym.traces import read_traces
-from medgym.traces.replay import ERR_HASH, diff_values, replay_file, verify_episode
+from medgym.evaluation.replay import replay_file
+from medgym.traces.replay import ERR_HASH, diff_values, verify_episode
 from medgym.traces.schema import SCHEMA_VERSION
 
 V1_FIXTURE = Path(__file__).parent / "fixtures" / "v1_traces.jsonl"
@@ -129,11 +130,21 @@ def test_numbers_compare_within_tolerance():
 def test_traces_modules_do_not_import_tools_or_environments():
     code = (
         "import sys, medgym.traces.replay, medgym.traces.score, medgym.traces.report, "
-        "medgym.traces.export, medgym.traces.commands\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(('medgym.tools', 'medgym.environments')))\n"
+        "medgym.traces.export, medgym.traces.store, medgym.traces.schema\n"
+        "above = ('medgym.tools', 'medgym.environments', 'medgym.agents', 'medgym.rl', 'medgym.evaluation')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(above))\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    # Not even lazily, inside a function: the source of traces names nothing above it.
+    import re
+    from pathlib import Path
+
+    import medgym.traces
+
+    pattern = re.compile(r"(from|import) medgym\.(tools|environments|agents|rl|evaluation)\b")
+    for path in Path(medgym.traces.__file__).parent.glob("*.py"):
+        assert not pattern.search(path.read_text()), path
 
 
 def test_a_tool_that_crashes_on_replay_is_named_and_the_rest_goes_on(expert_traces, tmp_path, monkeypatch, trace_copy):

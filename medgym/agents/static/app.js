@@ -66,8 +66,23 @@ function render(ev) {
   box.scrollIntoView({ block: "end" });
 }
 
+function showStatus(text, cls) {
+  const status = $("upload-status");
+  status.className = cls || "";
+  status.textContent = text;
+}
+
+// A server started with a token answers /api/ only with it: the cookie set by opening /?token=...
+// travels with every fetch and <img> of this page. Without it, say how to get in.
+async function checkAccess() {
+  const r = await fetch("/api/sessions");
+  if (r.status === 401) { showStatus((await r.json()).error, "error"); return false; }
+  return true;
+}
+
 async function loadHistory(id) {
   const r = await fetch("/api/sessions/" + id);
+  if (r.status === 401) { showStatus((await r.json()).error, "error"); return; }
   if (!r.ok) { setSession(null); return; }
   const data = await r.json();
   $("conversation").innerHTML = "";
@@ -76,17 +91,21 @@ async function loadHistory(id) {
 }
 
 async function upload(file) {
-  const status = $("upload-status");
-  status.className = "running";
-  status.textContent = "uploading " + file.name;
+  showStatus("uploading " + file.name, "running");
   const fd = new FormData();
   fd.append("file", file);
-  const r = await fetch("/api/upload", { method: "POST", body: fd });
-  const data = await r.json();
-  if (!r.ok) { status.className = "error"; status.textContent = data.error; uploadId = null; return; }
+  let r, data;
+  try {
+    r = await fetch("/api/upload", { method: "POST", body: fd });
+    data = await r.json();
+  } catch (e) {  // the server closes the connection on a body over its limit
+    showStatus("Upload failed (" + e + "). A file over the size limit is refused: upload one series or slice.", "error");
+    uploadId = null;
+    return;
+  }
+  if (!r.ok) { showStatus(data.error, "error"); uploadId = null; return; }
   uploadId = data.upload_id;
-  status.className = "";
-  status.textContent = `${data.modality} image ${data.width} x ${data.height}` + (data.slices > 1 ? `, ${data.slices} slices` : "");
+  showStatus(`${data.modality} image ${data.width} x ${data.height}` + (data.slices > 1 ? `, ${data.slices} slices` : ""));
   $("preview").src = imgUrl(data.preview);
   $("preview").hidden = false;
   setSession(null);
@@ -137,4 +156,4 @@ $("new-session").addEventListener("click", () => {
   $("conversation").innerHTML = ""; $("preview").hidden = true; $("upload-status").textContent = "";
 });
 const initial = sessionFromHash() || localStorage.getItem("medgym-session");
-if (initial) loadHistory(initial);
+checkAccess().then((ok) => { if (ok && initial) loadHistory(initial); });

@@ -34,7 +34,7 @@ def _nonneg_float(text: str) -> float:
 def cmd_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from medgym.traces.replay import replay_file
+    from medgym.evaluation.replay import replay_file
 
     with tqdm(desc="replay", unit="episode", disable=args.json, file=sys.stderr) as bar:
         report = replay_file(
@@ -91,11 +91,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export_sft(args: argparse.Namespace) -> int:
+    from medgym.environments.contract import system_prompt
     from medgym.traces.export import ExportFilter, export_sft
 
     keep = ExportFilter(correct_only=args.correct_only, stages=args.stage or (), sources=args.source or ())
     try:
-        stats = export_sft(args.traces, args.out, keep, tool_images=args.tool_images)
+        stats = export_sft(args.traces, args.out, keep, tool_images=args.tool_images, system_prompt=system_prompt)
     except ValueError as exc:
         print(f"medgym export-sft: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
