@@ -46,6 +46,7 @@ class CallRecord:
     images: list[np.ndarray] = field(default_factory=list)
     error: bool = False
     seconds: float = 0.0
+    crash: str | None = None  # "Type: message" when the tool raised (a bug), not when it rejected input
 
     @property
     def ok(self) -> bool:
@@ -85,12 +86,14 @@ def _json_safe(value: Any) -> Any:
 def run_call(name: Any, arguments: Any, ctx: ToolContext, registry: dict[str, ToolSpec] = TOOLS) -> CallRecord:
     """Run one call; bad input and tool crashes both come back as error records."""
     start = time.perf_counter()
+    crash = None
     try:
         result = run_tool(registry, name, arguments, ctx)
         text, images, data, error = result.text, result.images, result.data, result.error
     except Exception as exc:  # a tool bug: the model and the user read it; the episode goes on
         log.exception("tool %s crashed", name)
-        text = ERR_TOOL_CRASHED.format(name=name, details=f"{type(exc).__name__}: {exc}")
+        crash = f"{type(exc).__name__}: {exc}"
+        text = ERR_TOOL_CRASHED.format(name=name, details=crash)
         images, data, error = [], {}, True
     spec = registry.get(name) if isinstance(name, str) else None
     return CallRecord(
@@ -102,6 +105,7 @@ def run_call(name: Any, arguments: Any, ctx: ToolContext, registry: dict[str, To
         images=list(images),
         error=bool(error),
         seconds=time.perf_counter() - start,
+        crash=crash,
     )
 
 

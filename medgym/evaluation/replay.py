@@ -122,7 +122,8 @@ def replay_episode(
             n += 1
             record = run_call(call.name, call.arguments, ctx)
             fresh = record.to_trace(None, [image_hash(img) for img in record.images])
-            what = compare_call(call, fresh, rtol, atol)
+            # A tool that raises is named as such, not as a changed text (the record says so too).
+            what = [f"the tool raised {record.crash}"] if record.crash else compare_call(call, fresh, rtol, atol)
             now = TOOLS[call.name].version if call.name in TOOLS else None
             if call.tool_version is not None and now != call.tool_version:
                 note = f"{call.name} was recorded at version {call.tool_version}, now {now}"

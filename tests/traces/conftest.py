@@ -28,7 +28,16 @@ def expert_traces(tmp_path_factory) -> Path:
     from medgym.environments.policies import ExpertPolicy
 
     out = tmp_path_factory.mktemp("expert")
-    summary = evaluate(ExpertPolicy(), n=EXPERT_N, seed=EXPERT_SEED, out=out, segmenter="threshold")
+    # Oracle mode: known answers, so scoring and reports have exact expectations. Predicted-mode
+    # traces replay in tests/traces/test_replay.py::test_predicted_mode_traces_replay_clean.
+    summary = evaluate(
+        ExpertPolicy(tool_mode="oracle"),
+        n=EXPERT_N,
+        seed=EXPERT_SEED,
+        out=out,
+        segmenter="threshold",
+        tool_mode="oracle",
+    )
     assert summary["accuracy"] == 1.0
     return out / "traces.jsonl"
 
@@ -39,7 +48,9 @@ def run_mixed(out: Path, n: int = MIXED_N, seed: int = MIXED_SEED) -> Path:
     from medgym.environments import ENV_ID
 
     path = out / "traces.jsonl"
-    env = gym.make(ENV_ID, source="phantom", record_to=path, model_id="scripted-mixed", segmenter="threshold")
+    env = gym.make(
+        ENV_ID, source="phantom", record_to=path, model_id="scripted-mixed", segmenter="threshold", tool_mode="oracle"
+    )
     for i, case_seed in enumerate(range(seed, seed + n)):
         env.reset(seed=case_seed, options={"case_seed": case_seed})
         case = env.unwrapped.case

@@ -33,7 +33,7 @@ def test_export_loads_with_images_and_tool_turns(exported, mixed_traces):
         msgs = row["messages"]
         assert row["case_id"] == ep.header.case_id and row["answer"] == ep.header.answer
         assert [m["role"] for m in msgs[:2]] == ["system", "user"]
-        assert msgs[0]["content"] == [{"type": "text", "text": system_prompt()}]
+        assert msgs[0]["content"] == [{"type": "text", "text": system_prompt(ep.header.tool_mode)}]
         assert {m["role"] for m in msgs} == {"system", "user", "assistant", "tool"}
         # Assistant turns are the raw model text, tool calls included; the last one answers.
         assistant = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]

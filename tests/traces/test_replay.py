@@ -164,3 +164,38 @@ def test_a_tool_that_crashes_on_replay_is_named_and_the_rest_goes_on(expert_trac
     crashed = [d for d in report.diffs if d.what == ["the tool raised RuntimeError: simulated bug"]]
     assert len(report.episodes) == 3 and len(crashed) == measures > 0
     assert all(d.tool == "measure" for d in crashed)
+
+
+def test_predicted_mode_traces_replay_clean(tmp_path):
+    """Env episodes in predicted mode (real segmentations of annotator boxes) replay and verify clean."""
+    from medgym.environments.evaluate import evaluate
+    from medgym.environments.policies import ExpertPolicy
+
+    evaluate(ExpertPolicy(), n=12, seed=300, out=tmp_path, segmenter="threshold")
+    report = replay_file(tmp_path / "traces.jsonl", verify=True)
+    assert report.ok, report.lines()
+    assert len(report.episodes) == 12 and sum(e.calls for e in report.episodes) >= 24
+
+
+def test_a_chat_trace_replays_clean(tmp_path):
+    """medgym chat --case-seed 5 --backend expert --out DIR writes a trace that replay --verify accepts."""
+    from medgym.cli import main
+
+    assert (
+        main(["chat", "--case-seed", "5", "--backend", "expert", "--segmenter", "threshold", "--out", str(tmp_path)])
+        == 0
+    )
+    traces = tmp_path / "traces.jsonl"
+    report = replay_file(traces, verify=True)
+    assert report.ok and len(report.episodes) == 1 and report.episodes[0].calls >= 1, report.lines()
+    assert main(["replay", str(traces), "--verify"]) == 0
+
+
+def test_replay_runs_tools_in_the_recorded_mode(expert_traces):
+    """Oracle traces name structures; replayed in their recorded mode, they reproduce (not predicted-mode errors)."""
+    from medgym.traces import read_traces
+
+    first = read_traces(expert_traces).episodes[0]
+    assert first.header.tool_mode == "oracle"
+    report = replay_file(expert_traces, limit=3)
+    assert report.ok, report.lines()
