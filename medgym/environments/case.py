@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medgym.tools.base import Study
-from medgym.traces.schema import STAGES
+from medgym.traces.schema import STAGES  # noqa: F401  (re-exported: task sources and eval import it from here)
 
 Stage = Literal["recognition", "measurement", "visual_reasoning", "medical_reasoning"]
 AnswerType = Literal["mc", "yesno", "numeric", "box", "open"]

@@ -9,7 +9,7 @@ import random
 import gymnasium as gym
 import pytest
 
-from medgym import ENV_ID, EMBEDDED_POLICY_DIR
+from medgym import EMBEDDED_POLICY_DIR, ENV_ID
 from medgym.environments.contract import question_messages, tool_schemas
 from medgym.environments.parsing import parse_action
 from medgym.environments.sources import PhantomSource

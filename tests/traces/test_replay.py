@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from medgym.cli import main
-from medgym.traces import read_traces
 from medgym.evaluation.replay import replay_file
+from medgym.traces import read_traces
 from medgym.traces.replay import ERR_HASH, diff_values, verify_episode
 from medgym.traces.schema import SCHEMA_VERSION
 
