@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each subpackage adds its own commands; its handlers import lazily so the CLI starts fast.
     from medgym.agents import commands as agent_commands
-    from medgym.rl import commands as rl_commands
     from medgym.evaluation import commands as trace_commands
+    from medgym.rl import commands as rl_commands
 
     for module in (agent_commands, rl_commands, trace_commands):
         module.register(sub)
