@@ -117,3 +117,23 @@ def test_openai_backend_tool_calls_images_and_answer(server, tmp_path):
     # the text-fallback segment call ran, and its overlay reached the model too
     assert len(_data_url_images(third["messages"][-1])) == 1
     assert "segment" in [m["tool_calls"][0]["function"]["name"] for m in third["messages"] if m.get("tool_calls")]
+
+
+def test_eval_prints_the_same_summary_for_an_endpoint_and_the_embedded_policy(server, tmp_path, capsys):
+    """medgym eval --policy openai:MODEL@URL goes through the one policy protocol, as embedded and expert do."""
+    import json
+
+    from medgym.cli import main
+    from medgym.environments.evaluate import SUMMARY_KEYS
+
+    base_url, received = server
+    summaries = {}
+    for spec in (f"openai:tiny-vlm@{base_url}", "embedded", "expert"):
+        out = tmp_path / spec.split(":")[0]
+        assert main(["eval", "--policy", spec, "--n", "2", "--seed", "3", "--segmenter", "threshold",
+                     "--json", "--out", str(out)]) == 0  # fmt: skip
+        summaries[spec] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (out / "traces.jsonl").exists()
+    assert all(tuple(s) == SUMMARY_KEYS for s in summaries.values())
+    assert summaries[f"openai:tiny-vlm@{base_url}"]["policy"] == "openai:tiny-vlm" or received
+    assert len(received) >= 2 and all(r["model"] == "tiny-vlm" for r in received)
