@@ -12,6 +12,8 @@ many tool calls really ran without error in the episode).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -170,8 +172,47 @@ def answer_reward(completions: list[Any], answer: list[str], answer_type: list[s
     return out
 
 
+def written_boxes(completion: Any) -> list[list[float]]:
+    """The boxes a model wrote in a completion: its segment prompts (structured or ``<tool_call>`` text), then its answer's.
+
+    >>> written_boxes([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "segment",
+    ...     "arguments": {"box": [1, 2, 3, 4]}}}]}, {"role": "tool", "content": "..."},
+    ...     {"role": "assistant", "content": "<answer>x</answer><box>[0, 0, 5, 5]</box>"}])
+    [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 5.0]]
+    """
+    messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    boxes: list[list[float]] = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role", "assistant") != "assistant":
+            continue
+        calls = [c.get("function", c) for c in m.get("tool_calls") or [] if isinstance(c, dict)]
+        calls += parse_action(completion_text(m)).calls
+        for c in calls:
+            args = c.get("arguments") if isinstance(c, dict) else None
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except ValueError:
+                    args = None
+            box = args.get("box") if isinstance(args, dict) and c.get("name") == "segment" else None
+            if isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box):
+                boxes.append([float(v) for v in box])
+    final = parse_action(completion_text(completion))
+    if final.box is not None:
+        boxes.append([float(v) for v in final.box])
+    return boxes
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: Any) -> list[float | None]:
-    """IoU of the answer's <box> with the ground-truth box; None where the case has no box.
+    """Grounding on the model's own boxes: the mean IoU, with the ground-truth box, of every box the model wrote
+    (segment prompts and the answer's box); 0.0 when it wrote none; None where the case has no box.
+
+    Dense: a prompt box that covers the finding earns reward before the answer is right. No box a tool
+    looked up counts (tools print boxes; only what the model wrote is scored).
 
     >>> grounding_reward(["<answer>x</answer><box>[0, 0, 10, 10]</box>", "<answer>x</answer>", "<answer>y</answer>"],
     ...                  answer_box=[[0, 0, 10, 20], [0, 0, 5, 5], None])
@@ -182,8 +223,8 @@ def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: An
         if truth is None:
             out.append(None)
             continue
-        action = parse_action(completion_text(completion))
-        out.append(box_iou(action.box, truth) if action.box is not None else 0.0)
+        boxes = written_boxes(completion)
+        out.append(sum(box_iou(b, truth) for b in boxes) / len(boxes) if boxes else 0.0)
     return out
 
 

@@ -117,3 +117,23 @@ def test_segment_propagates_a_slice_prompt_through_a_volume():
     assert (mask.sum(axis=(1, 2)) > 0).sum() > 1  # more slices than the prompted one
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice >= 0.8 and "volume" in seg.text
+
+
+def test_grounding_reward_scores_the_boxes_the_model_wrote():
+    from medgym.environments.rewards import grounding_reward
+
+    truth = [40, 40, 60, 60]
+    segment = {"name": "segment", "arguments": {"box": [40, 40, 60, 60]}}
+    prompted = [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": segment}]},
+        # a tool's printed box is not the model's: it never counts
+        {"role": "tool", "content": "mask_1: ... component 1 box [40, 40, 60, 60]"},
+        {"role": "assistant", "content": "<answer>12.0</answer>"},
+    ]
+    looked_up = [
+        {"role": "assistant", "content": '<tool_call>{"name": "zoom", "arguments": {"boxes": [[0, 0, 9, 9]]}}</tool_call>'},
+        {"role": "tool", "content": "mask_1: ... component 1 box [40, 40, 60, 60]"},
+        {"role": "assistant", "content": "<answer>12.0</answer>"},
+    ]
+    half = [{"role": "assistant", "content": "<answer>12.0</answer><box>[40, 40, 60, 80]</box>"}]
+    assert grounding_reward([prompted, looked_up, half], answer_box=[truth] * 3) == [1.0, 0.0, 0.5]
