@@ -60,10 +60,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from medgym.traces.score import format_table, plot_stages, score_file, short_names
+    from medgym.traces.score import format_table, mode_mismatch, plot_stages, score_file, short_names
 
     scores = [score_file(p) for p in args.traces]
     names = short_names(args.traces)
+    mismatch = mode_mismatch(scores, names)
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr)
     for name, s in zip(names, scores, strict=True):
         for problem in s["problems"]:
             print(f"warning: {name}: {problem}", file=sys.stderr)

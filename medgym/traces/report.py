@@ -145,6 +145,7 @@ def episode_view(ep: TraceEpisode, number: int, images: ImageInliner) -> dict[st
         "stage": h.stage,
         "template": h.template,
         "model_id": h.model_id,
+        "tool_mode": h.tool_mode or "oracle",
         "question": h.question,
         "answer": h.answer,
         "answer_box": json.dumps(h.answer_box) if h.answer_box is not None else None,

@@ -143,7 +143,9 @@ def score_episodes(episodes: Iterable[TraceEpisode], problems: Sequence[str] = (
     errors: Counter[str] = Counter()
     evidence: Counter[str] = Counter()
     answered = truncated = format_errors = unscored = 0
+    modes: Counter[str] = Counter()
     for ep in episodes:
+        modes[tool_mode_label(ep)] += 1
         if is_scored(ep):
             by_stage[ep.header.stage].append(1.0 if is_correct(ep) else 0.0)
         else:
@@ -168,6 +170,7 @@ def score_episodes(episodes: Iterable[TraceEpisode], problems: Sequence[str] = (
     applicable = sum(evidence.values())
     return {
         "episodes": len(episodes),
+        "tool_modes": dict(sorted(modes.items())),
         "unscored": unscored,
         "answered": answered,
         "truncated": truncated,
@@ -194,6 +197,27 @@ def score_episodes(episodes: Iterable[TraceEpisode], problems: Sequence[str] = (
         "mean_reward": _mean(rewards),
         "problems": list(problems),
     }
+
+
+def tool_mode_label(episode: TraceEpisode) -> str:
+    """The episode's tool mode; traces from before tool modes ran their tools as the oracle does."""
+    return episode.header.tool_mode or "oracle"
+
+
+def mode_mismatch(scores: Sequence[dict[str, Any]], names: Sequence[str]) -> str | None:
+    """A warning when files side by side ran their tools in different modes (oracle is an upper bound), else None.
+
+    >>> mode_mismatch([{"tool_modes": {"predicted": 3}}, {"tool_modes": {"oracle": 3}}], ["a", "b"])
+    'these files ran their tools in different modes (a: predicted; b: oracle); oracle scores are an upper bound, not comparable with predicted ones'
+    """
+    modes = [", ".join(sorted(s.get("tool_modes", {}))) for s in scores]
+    if len(set(modes)) <= 1 and all("," not in m for m in modes):
+        return None
+    listed = "; ".join(f"{n}: {m}" for n, m in zip(names, modes, strict=True))
+    return (
+        f"these files ran their tools in different modes ({listed}); "
+        "oracle scores are an upper bound, not comparable with predicted ones"
+    )
 
 
 def score_file(path: Path | str) -> dict[str, Any]:
@@ -223,6 +247,7 @@ def table_rows(scores: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per file) for the side-by-side table."""
     rows: list[tuple[str, list[str]]] = [
         ("episodes", [_fmt(s["episodes"]) for s in scores]),
+        ("tool mode", [", ".join(s.get("tool_modes", {})) or "-" for s in scores]),
         ("accuracy", [_fmt(s["accuracy"], pct=True) for s in scores]),
     ]
     stages = list(dict.fromkeys(st for s in scores for st in s["by_stage"]))

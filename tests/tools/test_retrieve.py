@@ -296,3 +296,46 @@ def test_benchmark_helpers_build_and_query_an_index():
     scores, rows = r.query_index(index, ["attenuation of fat", "where is the spleen"], 1)
     assert rows[:, 0].tolist() == [1, 0]
     assert scores.shape == (2, 1)
+
+
+# --- index kind by corpus size --------------------------------------------------------------
+
+
+def _unit_vectors(n: int, seed: int, d: int = 64) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_index_kind_follows_the_corpus_size(monkeypatch):
+    assert r.index_kind(len(r.load_passages())) == "flat", "the shipped knowledge base stays exact"
+    assert r.index_kind(r.ANN_MIN_VECTORS - 1) == "flat"
+    assert r.index_kind(r.ANN_MIN_VECTORS) == "hnsw"
+    monkeypatch.setattr(r, "ANN_MIN_VECTORS", 1000)  # a few thousand vectors build in well under a second
+    assert isinstance(r.make_index(_unit_vectors(999, 0)), faiss.IndexFlatIP)
+    ann = r.make_index(_unit_vectors(3000, 0))
+    assert isinstance(ann, faiss.IndexHNSWFlat) and r.kind_of(ann) == "hnsw"
+    assert ann.metric_type == faiss.METRIC_INNER_PRODUCT and ann.hnsw.efSearch == r.HNSW_EF_SEARCH
+    with pytest.raises(ValueError, match="unknown index kind"):
+        r.make_index(_unit_vectors(10, 0), kind="ivf")  # type: ignore[arg-type]
+
+
+def test_hnsw_recall_at_5_against_flat():
+    vectors, queries = _unit_vectors(3000, 1), _unit_vectors(200, 2)
+    flat_scores, flat_rows = r.make_index(vectors, "flat").search(queries, 5)
+    ann_scores, ann_rows = r.make_index(vectors, "hnsw").search(queries, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ann_rows, flat_rows, strict=True)])
+    assert recall >= 0.95, recall
+    # Where both found a vector, they agree on its score: HNSW ranks by the same inner product.
+    for a_s, a_r, f_s, f_r in zip(ann_scores, ann_rows, flat_scores, flat_rows, strict=True):
+        same = dict(zip(f_r, f_s, strict=True))
+        for score, row in zip(a_s, a_r, strict=True):
+            if row in same:
+                assert score == pytest.approx(same[row], abs=1e-5)
+
+
+def test_cached_index_of_the_wrong_kind_is_rebuilt(tiny_kb, embed_calls):
+    path = r.index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(r.make_index(_unit_vectors(3, 3, d=384), "hnsw"), str(path))
+    assert r.kind_of(r.get_index()) == "flat"
+    assert embed_calls == [3]

@@ -131,3 +131,17 @@ def test_chat_questions_without_an_answer_are_not_scored():
     assert s["episodes"] == 2 and s["unscored"] == 1
     assert s["accuracy"] == 1.0 and list(s["by_stage"]) == ["measurement"]
     assert evidence_status(chat) is None and s["consistency"]["applicable"] == 1
+
+
+def test_score_shows_the_tool_mode_and_warns_across_modes(expert_traces, tmp_path, capsys):
+    from medgym.environments.evaluate import evaluate
+    from medgym.environments.policies import ExpertPolicy
+
+    evaluate(ExpertPolicy(), n=3, seed=40, out=tmp_path, segmenter="threshold")  # predicted mode
+    predicted = tmp_path / "traces.jsonl"
+    assert main(["score", str(predicted), str(expert_traces)]) == 0
+    out, err = capsys.readouterr()
+    assert "tool mode" in out and "predicted" in out and "oracle" in out
+    assert "different modes" in err and "upper bound" in err
+    assert main(["score", str(predicted), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tool_modes"] == {"predicted": 3}
