@@ -40,7 +40,7 @@ from medgym.environments.contract import (
 from medgym.environments.parsing import parse_action
 from medgym.environments.recorder import EpisodeRecorder, RunSettings
 from medgym.environments.rewards import FORMAT_PENALTY, box_iou, mask_iou, score_parts, total_reward
-from medgym.environments.runner import CallRecord, run_calls
+from medgym.environments.runner import CallRecord, run_calls, utf8
 from medgym.environments.sources import TaskSource, make_source
 from medgym.environments.templates import lesion_union
 from medgym.tools import ToolContext
@@ -73,13 +73,19 @@ def sanitize(text: str, limit: int = MAX_TEXT) -> str:
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     """Fit a picture into a size x size square (top-left aligned, black padding, never enlarged)."""
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    letterbox_into(out, img)
+    return out
+
+
+def letterbox_into(out: np.ndarray, img: np.ndarray) -> None:
+    """:func:`letterbox` into a zeroed ``(size, size, 3)`` array, without a copy in between."""
+    size = out.shape[0]
     h, w = img.shape[:2]
     scale = min(size / h, size / w)
     if scale < 1.0:  # only shrink: a smaller picture keeps its own pixels
         img = resize_rgb(img, (max(1, round(w * scale)), max(1, round(h * scale))))
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    out[: img.shape[0], : img.shape[1]] = img
-    return out
+    out[: img.shape[0], : img.shape[1]] = img if img.ndim == 3 else img[..., None]
 
 
 class MedVQAEnv(gym.Env):
@@ -149,9 +155,10 @@ class MedVQAEnv(gym.Env):
         shown = images[: self.max_images]
         if len(images) > len(shown):
             text += "\n" + NOTE_IMAGES_DROPPED.format(n=len(images) - len(shown), k=self.max_images)
+        # A fresh stack each step (users keep observations); zeros come from calloc, so it costs little.
         stack = np.zeros(self.observation_space["images"].shape, dtype=np.uint8)
         for i, img in enumerate(shown):
-            stack[i] = letterbox(img, self.image_size)
+            letterbox_into(stack[i], img)
         return {"text": sanitize(text), "images": stack, "n_images": len(shown)}, shown
 
     def question_images(self) -> list[np.ndarray]:
@@ -212,6 +219,7 @@ class MedVQAEnv(gym.Env):
         self._steps += 1
         if not isinstance(action, str):
             return self._format_error(ERR_NOT_TEXT, repr(action)[:200])
+        action = utf8(action)  # no tokenizer emits lone surrogates, and a trace could not store them
         parsed = parse_action(action)
         if parsed.error is not None:
             return self._format_error(parsed.error, action)

@@ -115,6 +115,7 @@ class EpisodeRecorder:
         self.writer = writer
         self.episode = TraceEpisode(header=header)
         self.closed = False
+        self._pending: list[tuple[int, list[CallRecord], list[list[str]] | None]] = []
 
     @classmethod
     def for_case(
@@ -133,13 +134,23 @@ class EpisodeRecorder:
         image_hashes: list[list[str]] | None = None,
         **fields: Any,
     ) -> None:
-        """Append a model turn with the calls it made (images stored by hash, or the hashes given)."""
-        records = records or []
-        calls = [
-            r.to_trace(self.writer.images, image_hashes[i] if image_hashes is not None else None)
-            for i, r in enumerate(records)
-        ]
-        self.add_step(model_text, calls, reward=reward, **fields)
+        """Append a model turn with the calls it made.
+
+        Images are hashed and stored when the episode closes, not here: content hashing and PNG
+        encoding stay off the step's critical path (the step keeps its arrays until then).
+        """
+        records = list(records or [])
+        steps = self.episode.steps
+        steps.append(TraceStep(index=len(steps), model_text=model_text, calls=[], reward=reward, **fields))
+        self._pending.append((len(steps) - 1, records, image_hashes))
+
+    def _materialise(self) -> None:
+        """Turn the kept call records into trace records (images stored by content hash)."""
+        store = self.writer.images
+        for index, records, hashes in self._pending:
+            calls = [r.to_trace(store, hashes[i] if hashes is not None else None) for i, r in enumerate(records)]
+            self.episode.steps[index] = self.episode.steps[index].model_copy(update={"calls": calls})
+        self._pending = []
 
     def add_step(self, model_text: str, calls: list[ToolCallRecord], reward: float = 0.0, **fields: Any) -> None:
         """Append a model turn whose calls are already trace records (a chat's stored tool messages)."""
@@ -158,6 +169,7 @@ class EpisodeRecorder:
         if self.closed:
             return None
         self.closed = True
+        self._materialise()
         episode = self.episode.model_copy(
             update={
                 "final_answer": answer,
