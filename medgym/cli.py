@@ -32,13 +32,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from medgym.environments.sources import make_source
 
-    source = make_source(args.source, **({"size": args.size} if args.source == "phantom" else {}))
+    source = make_source(
+        args.source, tool_mode=args.tool_mode, **({"size": args.size} if args.source == "phantom" else {})
+    )
     out = Path(args.out)
     index = []
     for seed in tqdm(range(args.seed, args.seed + args.n), desc="generate", unit="case"):
         case = source.case(seed)
         path = case.save(out)
-        index.append({"case_id": case.case_id, "stage": case.stage, "template": case.template, "file": path.name})
+        index.append(
+            {
+                "case_id": case.case_id,
+                "stage": case.stage,
+                "template": case.template,
+                "tool_mode": args.tool_mode,
+                "file": path.name,
+            }
+        )
     (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
     print(json.dumps({"n": len(index), "out": str(out)}))
     return 0
@@ -101,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=_positive, default=256, help="phantom image size in pixels")
     g.add_argument("--out", required=True)
+    g.add_argument(
+        "--tool-mode",
+        default="predicted",
+        choices=["predicted", "oracle"],
+        help="predicted leaves out questions only an oracle answers (recorded in index.jsonl)",
+    )
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="run a policy on cases and report accuracy by stage")

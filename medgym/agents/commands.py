@@ -35,6 +35,7 @@ def _context(args: argparse.Namespace, backend: str):
         reliability_n=args.reliability,
         segmenter=args.segmenter,
         sam_checkpoint=args.sam_checkpoint,
+        tool_mode=args.tool_mode,
     )
 
 
@@ -60,7 +61,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also run N sampled trajectories (temperature 0.7) and report how many agree",
     )
-    p.add_argument("--segmenter", default="threshold", choices=["threshold", "medsam", "sam"])
+    p.add_argument("--segmenter", default="medsam", choices=["threshold", "medsam", "sam"])
+    p.add_argument(
+        "--tool-mode",
+        default="predicted",
+        choices=["predicted", "oracle"],
+        help="predicted: no tool reads ground truth (default); oracle: tools read a case's structures (upper bound)",
+    )
     p.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint for --segmenter sam")
 
 
