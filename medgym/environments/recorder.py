@@ -46,36 +46,46 @@ class RunSettings:
         check_tool_mode(self.tool_mode)
 
 
-def case_header(case: Case, settings: RunSettings, question: str, image: str | None, prior_image: str | None):
-    """The trace header of an episode on a case with a known answer."""
+def episode_header(settings: RunSettings, question: str, image: str | None, **episode: Any) -> TraceHeader:
+    """The one trace-header builder: the run's settings, then what the episode is about (``episode`` fields)."""
     return TraceHeader(
         episode_id=uuid.uuid4().hex,
         env_id=settings.env_id,
-        source=case.source,
-        seed=case.seed,
-        case_id=case.case_id,
-        stage=case.stage,
-        template=case.template,
         question=question,
-        answer=case.answer,
-        answer_type=case.answer_type,
-        choices=case.choices,
-        answer_box=case.answer_box,
         image=image,
-        prior_image=prior_image,
         model_id=settings.model_id,
         prompt_hash=prompt_hash(settings.tool_mode),
         tool_versions={name: spec.version for name, spec in TOOLS.items()},
         source_spec=settings.source_spec,
         source_config=json.loads(json.dumps(settings.source_config, default=str)),
-        study_hash=case.study.content_hash(),
         segmenter=settings.segmenter,
         sam_checkpoint=settings.sam_checkpoint,
         tool_mode=settings.tool_mode,
+        medgym_version=medgym_version(),
+        **episode,
+    )
+
+
+def case_header(case: Case, settings: RunSettings, question: str, image: str | None, prior_image: str | None):
+    """The header of an episode on a case with a known answer."""
+    return episode_header(
+        settings,
+        question,
+        image,
+        source=case.source,
+        seed=case.seed,
+        case_id=case.case_id,
+        stage=case.stage,
+        template=case.template,
+        answer=case.answer,
+        answer_type=case.answer_type,
+        choices=case.choices,
+        answer_box=case.answer_box,
+        prior_image=prior_image,
+        study_hash=case.study.content_hash(),
         unit=case.unit,
         tolerance=case.tolerance,
         abs_tolerance=case.abs_tolerance,
-        medgym_version=medgym_version(),
     )
 
 
@@ -83,28 +93,18 @@ def open_header(
     settings: RunSettings, question: str, image: str | None, source: str, case_id: str, seed: int | None, study_hash
 ):
     """The header of a question with no known answer (a chat over an upload): an unscored 'open' question."""
-    return TraceHeader(
-        episode_id=uuid.uuid4().hex,
-        env_id=settings.env_id,
+    return episode_header(
+        settings,
+        question,
+        image,
         source=source,
         seed=seed,
         case_id=case_id,
         stage="chat",
         template="chat",
-        question=question,
         answer="",
         answer_type="open",
-        image=image,
-        model_id=settings.model_id,
-        prompt_hash=prompt_hash(settings.tool_mode),
-        tool_versions={name: spec.version for name, spec in TOOLS.items()},
-        source_spec=settings.source_spec,
-        source_config=json.loads(json.dumps(settings.source_config, default=str)),
         study_hash=study_hash,
-        segmenter=settings.segmenter,
-        sam_checkpoint=settings.sam_checkpoint,
-        tool_mode=settings.tool_mode,
-        medgym_version=medgym_version(),
     )
 
 
