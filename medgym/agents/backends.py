@@ -47,7 +47,7 @@ from medgym import CHECKPOINTS_DIR, EMBEDDED_POLICY_DIR
 from medgym.environments.case import Case, ToolCall
 from medgym.environments.contract import DEFAULT_TOOL_MODE, Message, tool_schemas
 from medgym.environments.parsing import parse_action
-from medgym.environments.policies import ERR_EXPERT_NO_CASE, ExpertPolicy, Policy, turn_index
+from medgym.environments.policies import ExpertPolicy, Policy, turn_index
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,6 @@ def calls_text(calls: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- scripted
-
-
-class ExpertBackend(ExpertPolicy):
-    """The expert bound to a case; refuses to start without one (uploads have no expert trace)."""
-
-    def __init__(self, case: Case | None, tool_mode: str = DEFAULT_TOOL_MODE):
-        if case is None:
-            raise BackendUnavailable(ERR_EXPERT_NO_CASE)
-        super().__init__(case, tool_mode)
 
 
 _MASK_ID = re.compile(r"\b(mask_\d+):")
@@ -501,7 +492,7 @@ def make_policy(spec: str, *, case: Case | None = None, tool_mode: str = DEFAULT
     name, arg = parse_spec(spec)
     device = options.get("device")
     if name == "expert" and not arg:
-        return ExpertBackend(case, tool_mode) if case is not None else ExpertPolicy(None, tool_mode)
+        return ExpertPolicy(case, tool_mode)  # without a case: bound per episode through for_case
     if name == "demo" and not arg:
         return DemoBackend()
     if name in ("embedded", "embedded-sft"):

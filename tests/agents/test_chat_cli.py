@@ -15,7 +15,20 @@ def test_chat_on_an_image_runs_the_labelled_demo_and_saves_overlays(tmp_path, ca
     arr[45:75, 65:95] = 220
     Image.fromarray(arr).save(tmp_path / "square.png")
     out = tmp_path / "out"
-    assert main(["chat", str(tmp_path / "square.png"), "How big is the square?", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(tmp_path / "square.png"),
+                "How big is the square?",
+                "--out",
+                str(out),
+                "--segmenter",
+                "threshold",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "SCRIPTED DEMO (not a model)" in captured.err
     printed = captured.out
