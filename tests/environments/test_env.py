@@ -121,3 +121,18 @@ def test_recording_writes_one_episode_per_line_with_images(tmp_path):
     assert lines[2]["truncated"] and lines[2]["steps"][0]["format_error"]
     hashes = {lines[0]["header"]["image"]} | {h for s in lines[0]["steps"] for c in s["calls"] for h in c["images"]}
     assert all((tmp_path / "images" / f"{h}.png").exists() for h in hashes)
+
+
+def test_import_medgym_registers_the_env_and_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gymnasium as gym, medgym\n"
+        "assert 'medgym/MedVQA-v0' in gym.registry\n"
+        "assert not any(m.startswith(('medgym.environments', 'torch')) for m in sys.modules)\n"
+        "env = gym.make('medgym/MedVQA-v0', segmenter='threshold')\n"
+        "obs, info = env.reset(seed=0)\n"
+        "assert obs['n_images'] >= 1 and env.unwrapped.tool_mode == 'predicted'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
