@@ -1,4 +1,5 @@
-"""Commands of the agent: chat in the terminal (``medgym chat``) and on the web (``medgym web``)."""
+"""Commands of the agent: chat in the terminal (``medgym chat``), on the web (``medgym web``), and any policy
+behind an OpenAI-compatible endpoint (``medgym serve``)."""
 
 from __future__ import annotations
 
@@ -158,6 +159,28 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medgym.agents.backends import BackendUnavailable, make_policy
+    from medgym.agents.serve import check_servable, serve
+    from medgym.agents.web import check_token
+
+    token = args.token or os.environ.get("MEDGYM_TOKEN") or None
+    try:
+        check_token(token, args.host)  # before loading a model: refuse at once, saying how to fix it
+    except ValueError as exc:
+        raise SystemExit(f"medgym serve: {exc}") from None
+    try:
+        policy = make_policy(args.policy, device=args.device)
+        check_servable(policy)
+    except BackendUnavailable as exc:
+        raise SystemExit(f"medgym serve: {exc}") from None
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    auth = "; send 'Authorization: Bearer TOKEN' (the API key)" if token else ""
+    print(f"medgym serve: {args.policy} as model {policy.model_id!r} on http://{host}:{args.port}/v1{auth}")
+    serve(policy, args.host, args.port, token=token)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this subpackage's subcommands to the `medgym` parser."""
     c = sub.add_parser("chat", help="ask the agent about an image; streams every step, saves overlays")
@@ -192,3 +215,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_run_options(w)
     w.set_defaults(func=cmd_web)
+
+    s = sub.add_parser("serve", help="serve a local policy behind an OpenAI-compatible endpoint (/v1/chat/completions)")
+    s.add_argument(
+        "--policy",
+        required=True,
+        help="the policy to serve: embedded, embedded-sft, embedded:PATH, transformers:PATH or demo "
+        "(the expert needs a case, so it cannot be served)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--token",
+        default=None,
+        help="access token every request needs as 'Authorization: Bearer TOKEN' (else $MEDGYM_TOKEN, preferred: "
+        "a command line is visible to other users); required off loopback",
+    )
+    s.add_argument(
+        "--device", default=None, help="transformers/embedded: torch device (default: cuda if present, embedded: cpu)"
+    )
+    s.set_defaults(func=cmd_serve)
