@@ -16,9 +16,11 @@ import time
 import torch
 
 from medgym import EMBEDDED_POLICY_DIR
+from medgym.environments.contract import tool_schemas
 from medgym.environments.sources import PhantomSource
-from medgym.rl.policy_model import EMBEDDED_SIZES, build_model, load, n_parameters, tool_schemas_cached
-from medgym.rl.sft import encode_conversation, expert_conversation, shared_prefix_length, shared_prefix_loss
+from medgym.rl.conversation import expert_conversation
+from medgym.rl.policy_model import EMBEDDED_SIZES, build_model, load, n_parameters
+from medgym.rl.sft import encode_conversation, shared_prefix_length, shared_prefix_loss
 
 SMOLLM2 = {"hidden": 576, "layers": 30, "heads": 9, "kv": 3, "mlp": 1536}
 
@@ -40,7 +42,7 @@ def main() -> None:
     _, processor = load(EMBEDDED_POLICY_DIR)
     source = PhantomSource()
     group = [
-        encode_conversation(processor, expert_conversation(source.case(s))[0], tool_schemas_cached())
+        encode_conversation(processor, expert_conversation(source.case(s))[0], tool_schemas())
         for s in range(30000, 30000 + args.n)
     ]
     prefix = shared_prefix_length(group, processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))

@@ -12,14 +12,14 @@ def run_bench(
     checkpoints: dict[str, str], n: int = 30, seed: int = 0, source: str = "phantom", progress: bool = True
 ) -> dict[str, Any]:
     """The expert and each named checkpoint on cases ``seed .. seed + n - 1`` (threshold segmenter)."""
+    from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.evaluate import evaluate
     from medgym.environments.policies import ExpertPolicy
-    from medgym.rl.policy_model import EmbeddedPolicy
     from medgym.rl.runs import resolve_checkpoint
 
     policies: dict[str, Any] = {"expert": ExpertPolicy()}
     for name, path in checkpoints.items():
-        policies[name] = EmbeddedPolicy(resolve_checkpoint(path))
+        policies[name] = EmbeddedBackend(resolve_checkpoint(path))
     out = {}
     for name, policy in policies.items():
         t0 = time.perf_counter()

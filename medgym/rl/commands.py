@@ -1,56 +1,64 @@
-"""Commands of training: ``medgym train sft|grpo``, ``medgym quickstart``.
+"""Commands of training: ``medgym train sft|grpo|bench``, ``medgym quickstart``.
 
-``medgym train sft --config configs/sft_embedded.yaml --epochs 2`` -- every config field is
-also a ``--field`` option (help text from the config dataclass), values read as YAML.
+``medgym train sft --config configs/sft_embedded.yaml --num_train_epochs 2`` -- the stage's parser
+is a ``trl.TrlParser`` over its config class (:mod:`medgym.rl.config`): every field is a
+``--field`` option with its help text, the YAML file sets values and the options override them.
+``--resume`` continues from the newest ``checkpoint-N`` in ``output_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
 from pathlib import Path
 
-
-def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
-    p.add_argument("--config", default=None, help="YAML file of config fields (options below override it)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-N in output_dir")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    group = p.add_argument_group("config fields (YAML values: --train_seeds '[1000, 64]')")
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else "(see config)"
-        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
-        group.add_argument(
-            *names,
-            dest=f"cfg__{f.name}",
-            default=argparse.SUPPRESS,
-            metavar="VALUE",
-            help=f"{f.metadata.get('help', '')} (default: {default})",
-        )
+from trl import TrlParser
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    for key, value in vars(args).items():
-        if key.startswith("cfg__"):
-            out += [f"--{key[5:]}", value]
-    return out
+class ConfigParser(TrlParser):
+    """A stage's ``TrlParser`` that also keeps the raw strings it was given.
+
+    The top-level ``medgym`` parser hands a stage its strings before any YAML is read;
+    :func:`cmd_train` parses them again with :meth:`~trl.TrlParser.parse_args_and_config`,
+    which puts the ``--config`` file under the options.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace.stage_argv = list(args or [])
+        return namespace, rest
+
+
+def stage_parser(parser: TrlParser) -> TrlParser:
+    """The options a training stage has besides its config fields."""
+    parser.add_argument("--config", default=None, help="YAML file of config fields (options override it)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in output_dir")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_config(cls: type, argv: list[str]):
+    """(config, options) from a stage's strings: ``--config`` YAML first, ``--key value`` options over it."""
+    from medgym.rl.config import RENAMED
+
+    try:
+        config, options = stage_parser(ConfigParser([cls])).parse_args_and_config(argv)
+    except ValueError as exc:
+        hints = [f"`{old}` is now `{new}`" for old, new in RENAMED.items() if f"--{old}'" in str(exc)]
+        raise ValueError(" ".join([str(exc), *hints])) from None
+    if options.quiet:
+        config.disable_tqdm = True
+    return config, options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medgym.rl.config import GRPOConfigMedgym, SFTConfig, load_config
+    from medgym.rl.config import GRPOConfig, SFTConfig
+    from medgym.rl.runs import run_grpo, run_sft
 
+    cls, run = (SFTConfig, run_sft) if args.stage == "sft" else (GRPOConfig, run_grpo)
     try:
-        if args.stage == "sft":
-            from medgym.rl.runs import run_sft
-
-            cfg = load_config(SFTConfig, args.config, _overrides(args))
-            summary = run_sft(cfg, resume=args.resume, progress=not args.quiet)
-        else:
-            from medgym.rl.runs import run_grpo
-
-            cfg = load_config(GRPOConfigMedgym, args.config, _overrides(args))
-            summary = run_grpo(cfg, resume=args.resume, progress=not args.quiet)
+        config, options = parse_config(cls, args.stage_argv)
+        summary = run(config, resume=options.resume)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"medgym train {args.stage}: {exc}") from None
     print(json.dumps(summary, indent=1, default=str))
@@ -89,16 +97,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this subpackage's subcommands to the `medgym` parser."""
-    from medgym.rl.config import GRPOConfigMedgym, SFTConfig
+    from medgym.rl.config import GRPOConfig, SFTConfig
 
     t = sub.add_parser("train", help="train the embedded policy: sft (expert traces) or grpo (TRL, real tools)")
-    stages = t.add_subparsers(dest="stage", required=True)
-    s = stages.add_parser("sft", help="SFT cold start on expert tool-use conversations")
-    _add_config_options(s, SFTConfig)
-    s.set_defaults(func=cmd_train)
-    g = stages.add_parser("grpo", help="GRPO with TRL's GRPOTrainer(environment_factory=...) on medgym tools")
-    _add_config_options(g, GRPOConfigMedgym)
-    g.set_defaults(func=cmd_train)
+    stages = t.add_subparsers(dest="stage", required=True, parser_class=ConfigParser)
+    s = stages.add_parser("sft", dataclass_types=[SFTConfig], help="SFT cold start on expert tool-use conversations")
+    stage_parser(s).set_defaults(func=cmd_train)
+    g = stages.add_parser(
+        "grpo",
+        dataclass_types=[GRPOConfig],
+        help="GRPO with TRL's GRPOTrainer(environment_factory=...) on medgym tools",
+    )
+    stage_parser(g).set_defaults(func=cmd_train)
 
     b = stages.add_parser("bench", help="held-out accuracy by stage and IoU: expert vs checkpoints")
     b.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a checkpoint to compare (repeatable)")

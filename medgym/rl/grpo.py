@@ -8,33 +8,52 @@ them; the tool-use bonus gets ``tool_calls_ok`` from the bridge, counting only c
 results the model actually saw (TRL drops a tool result that would overflow
 ``max_completion_length``; such a call earns nothing).
 
-:class:`MedGymGRPOTrainer` fixes one TRL 1.16 bug (see its docstring); everything else is
-TRL's own trainer.
+:class:`MedGymGRPOTrainer` fixes two TRL 1.16 bugs and times rollouts by overriding private
+methods of ``GRPOTrainer`` (``_tokenize_prompts``, ``_generate``, ``_get_train_sampler``); that is
+why ``pyproject.toml`` pins ``trl`` to the minor version tested. Everything else is TRL's own trainer.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from trl import GRPOTrainer
-from trl.trainer.utils import split_pixel_values_by_grid  # noqa: F401  (re-exported for the regression test)
+from trl.trainer.utils import RepeatSampler
 
 from medgym.environments.case import Case
+from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
 from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
 from medgym.rl.conversation import prompt_messages
+
+if TYPE_CHECKING:
+    from medgym.rl.config import GRPOConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` whose order depends on the seed and the epoch only.
+
+    TRL's draws every epoch's order from one generator, so a run resumed at or after an epoch
+    boundary (a fresh generator) replays epoch 0's order instead of the one the interrupted run
+    would have seen. The Trainer calls ``set_epoch`` at each epoch start, also when resuming.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
+
+
 class MedGymGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` with image fields as tensors under ``environment_factory``.
+    """``GRPOTrainer`` with image fields as tensors under ``environment_factory`` and an epoch-seeded sampler.
 
     TRL 1.16's ``_tokenize_prompts`` renders prompts one by one when an
     ``environment_factory`` is set and merges the processor's outputs; as the processor is
@@ -52,6 +71,18 @@ class MedGymGRPOTrainer(GRPOTrainer):
             if isinstance(value, list) and value:
                 fields[key] = torch.as_tensor(np.asarray(value))
         return prompt_ids, images, fields
+
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, with each epoch's order from its own seed (see :class:`EpochSeededRepeatSampler`)."""
+        trl_sampler = super()._get_train_sampler(dataset)
+        return EpochSeededRepeatSampler(
+            data_source=trl_sampler.data_source,
+            mini_repeat_count=trl_sampler.mini_repeat_count,
+            batch_size=trl_sampler.batch_size,
+            repeat_count=trl_sampler.repeat_count,
+            shuffle=trl_sampler.shuffle,
+            seed=trl_sampler.seed,
+        )
 
     def _generate(self, prompts: list):
         """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds`` and their ratio."""
@@ -100,9 +131,9 @@ def reward_functions(names: list[str] | None = None) -> tuple[list[MedGymReward]
     return [MedGymReward(n) for n in names], [float(REWARD_WEIGHTS[n]) for n in names]
 
 
-def case_row(case: Case, stages: list[str] | None = None) -> dict[str, Any]:
+def case_row(case: Case, stages: list[str] | None = None, tool_mode: str = DEFAULT_TOOL_MODE) -> dict[str, Any]:
     """A dataset row: prompt, question pictures, case id (seed, source, stages drawn from) and reward columns."""
-    messages, images = prompt_messages(case)
+    messages, images = prompt_messages(case, tool_mode)
     columns = case.reward_columns()
     return {
         "prompt": messages,
@@ -120,12 +151,14 @@ def case_row(case: Case, stages: list[str] | None = None) -> dict[str, Any]:
     }
 
 
-def build_dataset(seeds: list[int], source: str = "phantom", stages: list[str] | None = None):
+def build_dataset(
+    seeds: list[int], source: str = "phantom", stages: list[str] | None = None, tool_mode: str = DEFAULT_TOOL_MODE
+):
     """A ``datasets.Dataset`` of cases for GRPO, optionally from some stages only."""
     from datasets import Dataset, Features, Image, List, Value
 
     src = stage_source(source, stages)
-    rows = [case_row(src.case(s), stages) for s in seeds]
+    rows = [case_row(src.case(s), stages, tool_mode) for s in seeds]
     features = Features(
         {
             "prompt": List({"role": Value("string"), "content": Value("string")}),
@@ -149,13 +182,15 @@ def make_trainer(
     model,
     processor,
     dataset,
-    args,
-    segmenter: str = "threshold",
+    args: GRPOConfig,
     callbacks=None,
     reward_names: list[str] | None = None,
     extra_rewards: list[tuple[Any, float]] | None = None,
 ):
-    """The trainer: medgym rewards with env weights (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout."""
+    """The trainer: medgym rewards with env weights (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout.
+
+    Each rollout's env runs the tools with ``args.segmenter`` in ``args.tool_mode``.
+    """
     funcs, weights = reward_functions(reward_names)
     for func, weight in extra_rewards or []:
         funcs.append(func)
@@ -167,7 +202,7 @@ def make_trainer(
         reward_funcs=funcs,
         args=args,
         train_dataset=dataset,
-        environment_factory=lambda: MedGymToolEnv(segmenter=segmenter),
+        environment_factory=functools.partial(MedGymToolEnv, segmenter=args.segmenter, tool_mode=args.tool_mode),
         callbacks=callbacks,
     )
 

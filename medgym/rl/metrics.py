@@ -1,12 +1,21 @@
-"""Training metrics: an append-only JSONL log, a CSV copy and PNG curves (matplotlib, Agg)."""
+"""Training metrics: an append-only JSONL log, a CSV copy and PNG curves (matplotlib, Agg).
+
+:class:`MetricsCallback` writes what a ``transformers.Trainer`` logs (SFT and GRPO alike). A run
+resumed from ``checkpoint-N`` continues the curve from step N: rows the crashed run logged after
+its last checkpoint are dropped when training starts again, since the resumed run logs those
+steps anew.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +26,7 @@ GRPO_PANELS = [
     ("tool-call frequency", ("tools/call_frequency",)),
     ("KL to start model", ("kl",)),
 ]
-SFT_PANELS = [("loss", ("loss",)), ("learning rate", ("lr",))]
+SFT_PANELS = [("loss", ("loss",)), ("learning rate", ("learning_rate", "lr"))]
 
 
 class MetricsLog:
@@ -34,9 +43,21 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
+        """The rows written so far; a line torn by a killed process is skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def keep_until(self, step: int) -> None:
+        """Drop the rows logged after ``step`` (0: all of them)."""
+        rows = [r for r in self.rows() if r.get("step", 0) <= step] if step > 0 else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write_csv(self) -> Path:
         rows = self.rows()
@@ -74,3 +95,29 @@ class MetricsLog:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+class MetricsCallback(TrainerCallback):
+    """What the Trainer logs, appended to ``metrics.jsonl`` with the wall time of the step just finished."""
+
+    def __init__(self, metrics: MetricsLog):
+        self.metrics = metrics
+        self.step_started: float | None = None
+        self.step_seconds: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # the state is the checkpoint's when resuming, else step 0
+            self.metrics.keep_until(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step_started is not None:
+            self.step_seconds = time.perf_counter() - self.step_started
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # One writer under `accelerate launch`; the end-of-training summary (train_runtime, ...) is not a step.
+        if logs and state.is_world_process_zero and "train_runtime" not in logs:
+            timing = {"step_seconds": self.step_seconds} if self.step_seconds is not None else {}
+            self.metrics.append({"step": state.global_step, **logs, **timing})

@@ -1,4 +1,4 @@
-"""The embedded policy: a few-million-parameter Qwen3-VL trained by the project, and its runtime.
+"""The embedded policy's model: a few-million-parameter Qwen3-VL the project builds and trains.
 
 :func:`build_processor` trains a byte-level BPE tokenizer on the project's own text (system
 prompt, questions, expert tool calls, tool results and answers of phantom cases) and pairs it
@@ -6,12 +6,12 @@ with TRL's own ``qwen3_vl`` chat template (TRL recognises it: it parses tool cal
 knows it is prefix-preserving) and a Qwen2-VL image processor fixed to 128 x 128 pictures
 (8 x 8 patches of 16 px, merged 2 x 2: 16 image tokens). :func:`build_model` makes a
 ``Qwen3VLForConditionalGeneration`` with random weights from :data:`EMBEDDED_SIZES`.
-Everything saves with ``save_pretrained`` and reloads with ``AutoProcessor`` /
-``AutoModelForImageTextToText``.
+Everything saves with ``save_pretrained`` (weights as safetensors) and reloads with
+``AutoProcessor`` / ``AutoModelForImageTextToText``.
 
-:class:`EmbeddedPolicy` runs a checkpoint as a medgym policy (``reset(case, obs)``,
-``act(obs) -> str``) with greedy decoding; the shipped one lives in
-``medgym/rl/checkpoints/embedded/``.
+Running a checkpoint as a policy is the embedded backend's job
+(:class:`medgym.agents.backends.EmbeddedBackend`, which reads the ``medgym.json`` that
+:func:`save` writes); the shipped one lives in ``medgym/rl/checkpoints/embedded/``.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medgym import EMBEDDED_POLICY_DIR
-from medgym.environments.case import Case
+from medgym.environments.contract import DEFAULT_TOOL_MODE, system_prompt, tool_schemas
 from medgym.rl.bridge import MedGymToolEnv
 from medgym.rl.conversation import (
     POLICY_IMAGE_SIZE,
-    image_parts,
-    multimodal_prompt,
-    policy_image,
+    expert_conversation,
     system_message,
 )
 
@@ -101,20 +98,6 @@ def trl_chat_template() -> str:
     return qwen3_vl_chat_template
 
 
-def tool_schemas() -> list[dict[str, Any]]:
-    """The tools as the chat template renders them (from the bridge's generated methods)."""
-    from transformers.utils import get_json_schema
-
-    env = MedGymToolEnv()
-    return [get_json_schema(getattr(env, name)) for name in sorted(_tool_names())]
-
-
-def _tool_names() -> list[str]:
-    from medgym.tools import TOOLS
-
-    return list(TOOLS)
-
-
 # ------------------------------------------------------------------ tokenizer
 
 
@@ -125,16 +108,15 @@ def corpus(n_cases: int = 300, seed: int = 10_000, source: Any = None) -> Iterat
     """
     from jinja2 import Template
 
-    from medgym.environments.env import system_prompt
     from medgym.environments.sources import PhantomSource
-    from medgym.rl.sft import expert_conversation
 
     template = Template(trl_chat_template())
     tools = tool_schemas()
     yield system_prompt()
     source = source or PhantomSource()
+    env = MedGymToolEnv()
     for s in range(seed, seed + n_cases):
-        conversation, _ = expert_conversation(source.case(s), MedGymToolEnv())
+        conversation, _ = expert_conversation(source.case(s), env)
         yield template.render(messages=_text_only(conversation), tools=tools, add_generation_prompt=False)
 
 
@@ -275,14 +257,17 @@ def n_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save(model, processor, out: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def save(
+    model, processor, out: str | Path, meta: dict[str, Any] | None = None, tool_mode: str = DEFAULT_TOOL_MODE
+) -> Path:
+    """Weights (safetensors), processor files and ``medgym.json`` (``meta`` and the system text) in one folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if meta is not None:
         # The system text the policy was trained with travels with it, so the chat can prompt it the same way.
-        meta = {**meta, "system_prompt": system_message()}
+        meta = {**meta, "system_prompt": system_message(tool_mode)}
         (out / "medgym.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -302,78 +287,8 @@ def load(path: str | Path):
     return model, processor
 
 
-# ------------------------------------------------------------------ runtime
-
-
-def generate_turn(
-    model, processor, messages: list[dict[str, Any]], max_new_tokens: int = 96, tools: bool = True
-) -> str:
-    """One greedy assistant turn for a multimodal conversation (tools rendered as in training)."""
-    inputs = processor.apply_chat_template(
-        messages,
-        tools=tool_schemas_cached() if tools else None,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1] :]
-    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-
-
-_SCHEMAS: list[dict[str, Any]] | None = None
-
-
-def tool_schemas_cached() -> list[dict[str, Any]]:
-    global _SCHEMAS
-    if _SCHEMAS is None:
-        _SCHEMAS = tool_schemas()
-    return _SCHEMAS
-
-
-class EmbeddedPolicy:
-    """A checkpoint as a medgym policy: greedy turns over the conversation so far."""
-
-    def __init__(self, path: str | Path | None = None, max_new_tokens: int = 96, max_images: int = 8):
-        self.path = Path(path) if path is not None else checkpoint_dir()
-        self.model, self.processor = load(self.path)
-        meta_file = self.path / "medgym.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        self.model_id = str(meta.get("model_id", f"embedded:{self.path.name}"))
-        self.tools = bool(meta.get("tools", True))  # a no-tools baseline is prompted without the tool list
-        self.max_new_tokens = max_new_tokens
-        self.max_images = max_images
-        self.messages: list[dict[str, Any]] = []
-        self._n_images = 0
-
-    def reset(self, case: Case, observation: dict[str, Any] | None = None) -> None:
-        self.messages = multimodal_prompt(case)
-        self._n_images = sum(1 for p in self.messages[1]["content"] if p.get("type") == "image")
-        self._answered = False
-
-    def act(self, observation: dict[str, Any]) -> str:
-        if not self.messages:
-            raise RuntimeError("reset() the policy with a case before act()")
-        if self.messages[-1]["role"] == "assistant":
-            self._add_observation(observation)
-        text = generate_turn(self.model, self.processor, self.messages, self.max_new_tokens, tools=self.tools)
-        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return text
-
-    def _add_observation(self, observation: dict[str, Any]) -> None:
-        n = int(observation.get("n_images", 0))
-        n = min(n, max(0, self.max_images - self._n_images))
-        pictures = [policy_image(np.asarray(observation["images"][i])) for i in range(n)]
-        self._n_images += n
-        content = [*image_parts(pictures), {"type": "text", "text": str(observation.get("text", ""))}]
-        self.messages.append({"role": "tool", "content": content})
-
-
 __all__ = [
     "EMBEDDED_SIZES",
-    "EmbeddedPolicy",
     "build_model",
     "build_processor",
     "checkpoint_dir",

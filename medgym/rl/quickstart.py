@@ -45,9 +45,9 @@ def run_quickstart(
     progress: bool = True,
     checkpoint: str = "embedded",
 ) -> dict[str, Any]:
+    from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.evaluate import evaluate
-    from medgym.rl.config import GRPOConfigMedgym
-    from medgym.rl.policy_model import EmbeddedPolicy
+    from medgym.rl.config import GRPOConfig
     from medgym.rl.runs import resolve_checkpoint, run_grpo
     from medgym.tools import retrieve
 
@@ -71,7 +71,12 @@ def run_quickstart(
     def held_out(path: str | Path, name: str) -> dict[str, Any]:
         s = time.perf_counter()
         ev = evaluate(
-            EmbeddedPolicy(path), n=n_eval, seed=HELDOUT_FIRST, out=out / name, progress=progress, segmenter="threshold"
+            EmbeddedBackend(path),
+            n=n_eval,
+            seed=HELDOUT_FIRST,
+            out=out / name,
+            progress=progress,
+            segmenter="threshold",
         )
         lap(name, s)
         return ev
@@ -80,7 +85,7 @@ def run_quickstart(
     before = held_out(start, "eval_before")
 
     s = time.perf_counter()
-    cfg = GRPOConfigMedgym(
+    cfg = GRPOConfig(
         output_dir=str(out / "grpo"),
         init_from=str(start),
         train_seeds=[TRAIN_FIRST, n_train],
@@ -91,8 +96,9 @@ def run_quickstart(
         num_generations=4,
         max_completion_length=256,
         learning_rate=1e-5,
+        disable_tqdm=not progress,
     )
-    grpo = run_grpo(cfg, progress=progress)
+    grpo = run_grpo(cfg)
     lap("grpo", s)
 
     after = held_out(grpo["final"], "eval_after")

@@ -1,15 +1,21 @@
-"""Whole training runs behind ``medgym train``: data, model, training, final model, metrics, plots, eval."""
+"""Whole training runs behind ``medgym train``: data, model, training, final model, metrics, plots, eval.
+
+Checkpoints, their ``trainer_state.json`` and ``resume`` are the ``transformers.Trainer``'s; the
+final model is written once more as ``final/`` with its ``medgym.json`` (what the embedded
+backend loads).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from medgym.rl.config import GRPOConfigMedgym, SFTConfig, to_dict
-from medgym.rl.metrics import GRPO_PANELS, SFT_PANELS, MetricsLog
+from medgym.rl.config import GRPOConfig, SFTConfig, recipe
+from medgym.rl.metrics import GRPO_PANELS, SFT_PANELS, MetricsCallback, MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -26,147 +32,141 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     return path
 
 
-def evaluate_checkpoint(path: str | Path, source: str, seeds: list[int], segmenter: str, progress: bool = False):
-    """Accuracy by stage, IoU and tool use of a checkpoint on cases ``seeds[0] .. seeds[0] + seeds[1] - 1``."""
-    from medgym.environments.evaluate import evaluate
-    from medgym.rl.policy_model import EmbeddedPolicy
+def last_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` of a run (``transformers``' ``get_last_checkpoint``), or None.
 
+    The Trainer writes a checkpoint's ``trainer_state.json`` last, so a folder without a readable
+    one is a save that a crash cut short: it is removed (the resumed run writes it again when it
+    gets there) and the previous checkpoint is used.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(out)
+    while out.is_dir() and (found := get_last_checkpoint(str(out))) is not None:
+        state = Path(found) / "trainer_state.json"
+        try:
+            json.loads(state.read_text())
+            return Path(found)
+        except (OSError, ValueError):
+            log.warning("removing %s: its save was interrupted (no readable trainer_state.json)", found)
+            shutil.rmtree(found, ignore_errors=True)  # under `accelerate launch` every rank may get here
+    return None
+
+
+def evaluate_checkpoint(path: str | Path, cfg: SFTConfig | GRPOConfig, progress: bool = False) -> dict[str, Any]:
+    """Accuracy by stage, IoU and tool use of a checkpoint on the config's held-out ``eval_seeds`` (its tool mode)."""
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.environments.evaluate import evaluate
+
+    first, count = cfg.eval_seeds
+    policy = EmbeddedBackend(path)
     return evaluate(
-        EmbeddedPolicy(path), source=source, n=seeds[1], seed=seeds[0], progress=progress, segmenter=segmenter
+        policy, cfg.source, count, first, progress=progress, tool_mode=cfg.tool_mode, segmenter=cfg.segmenter
     )
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[11:].isdigit() else -1)
-    return found[-1] if found else None
+def _start(cfg: SFTConfig | GRPOConfig, resume: bool) -> tuple[Path, MetricsLog, Path | None, dict[str, Any]]:
+    """(output folder, metrics, checkpoint to resume from, recipe); the recipe before any trainer exists."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    latest = last_checkpoint(out) if resume else None
+    if resume and latest is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    return out, MetricsLog(out), latest, recipe(cfg)
 
 
-def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def _meta(start: Path | None) -> dict[str, Any]:
+    meta_file = start / "medgym.json" if start is not None else None
+    return json.loads(meta_file.read_text()) if meta_file is not None and meta_file.exists() else {}
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
+    """SFT as configured; with ``resume``, from the newest checkpoint in ``output_dir`` (same steps, same curve)."""
     from medgym.environments.sources import CaseRange, make_source
     from medgym.rl.policy_model import build_model, build_processor, load, n_parameters, save
     from medgym.rl.sft import train_sft
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    metrics = MetricsLog(out)
-    latest = _latest_checkpoint(out) if resume else None
+    out, metrics, latest, cfg_recipe = _start(cfg, resume)
     t0 = time.perf_counter()
-    start_recipe: dict[str, Any] = {}
+    start = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
     if latest is not None:
-        model, processor = load(latest)  # tokenizer and weights as saved; the optimizer state follows in train_sft
-    elif cfg.init_from:
-        start = resolve_checkpoint(cfg.init_from)
+        model, processor = load(latest)  # its tokenizer: a fresh run's was trained by that run
+    elif start is not None:
         model, processor = load(start)
-        if (start / "medgym.json").exists():
-            start_recipe = json.loads((start / "medgym.json").read_text()).get("recipe", {})
     else:
         processor = build_processor(cfg.tokenizer_cases, cfg.vocab_size)
         model = build_model(processor, cfg.size, cfg.seed)
-    source = make_source(cfg.source)
     first, count = cfg.train_seeds
-    result = train_sft(
-        model,
-        processor,
-        CaseRange(source, first, count),
-        epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        grad_accum=cfg.grad_accum,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        with_tools=cfg.tools,
-        out_dir=out,
-        save_steps=cfg.save_steps,
-        resume=latest is not None,
-        log_fn=metrics.append,
-        progress=progress,
-    )
+    cases = CaseRange(make_source(cfg.source), first, count)
+    callback = MetricsCallback(metrics)
+    trainer = train_sft(model, processor, cases, cfg, [callback], str(latest) if latest is not None else None)
+    start_recipe = dict(_meta(start).get("recipe", {}))
+    rows = [r for r in metrics.rows() if "loss" in r]
+    final_loss = rows[-1]["loss"] if rows else float("nan")
     meta = {
         "model_id": f"embedded-{cfg.size}-sft" + ("" if cfg.tools else "-notools"),
         "stage": "sft",
         "tools": cfg.tools,
+        "tool_mode": cfg.tool_mode,
         "parameters": n_parameters(model),
-        "recipe": {**start_recipe, f"sft{len(start_recipe) + 1 if start_recipe else ''}": to_dict(cfg)},
+        "recipe": {**start_recipe, f"sft{len(start_recipe) + 1 if start_recipe else ''}": cfg_recipe},
         "train_seconds": round(time.perf_counter() - t0, 1),
-        "final_loss": result.final_loss,
+        "final_loss": final_loss,
     }
-    final = save(model, processor, out / "final", meta)
-    summary: dict[str, Any] = {"final": str(final), "steps": result.steps, "final_loss": result.final_loss}
-    summary.update(_finish(metrics, SFT_PANELS, "sft.png"))
-    if cfg.eval_seeds[1]:
-        summary["eval"] = evaluate_checkpoint(final, cfg.source, cfg.eval_seeds, cfg.segmenter, progress)
-        (out / "eval.json").write_text(json.dumps(summary["eval"], indent=1))
-    return summary
+    final = save(model, processor, out / "final", meta, cfg.tool_mode)
+    summary: dict[str, Any] = {
+        "final": str(final),
+        "steps": trainer.state.global_step,
+        "final_loss": final_loss,
+        "resumed_from": str(latest) if latest is not None else None,
+    }
+    return _finish(summary, cfg, metrics, SFT_PANELS, "sft.png")
 
 
-def run_grpo(cfg: GRPOConfigMedgym, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    from transformers import TrainerCallback
-
+def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
+    """GRPO as configured; with ``resume``, from the newest checkpoint in ``output_dir``."""
     from medgym.rl.grpo import build_dataset, make_trainer
     from medgym.rl.policy_model import load, n_parameters, save
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    metrics = MetricsLog(out)
-    start = resolve_checkpoint(cfg.init_from)
-    model, processor = load(start)
+    out, metrics, latest, cfg_recipe = _start(cfg, resume)
+    start = resolve_checkpoint(cfg.init_from or "embedded")
+    model, processor = load(start)  # the checkpoint's weights replace these when resuming
     model.train()
-    start_meta_file = start / "medgym.json"
-    start_meta = json.loads(start_meta_file.read_text()) if start_meta_file.exists() else {}
+    start_meta = _meta(start)
     first, count = cfg.train_seeds
-    dataset = build_dataset(list(range(first, first + count)), cfg.source, cfg.stages or None)
-
-    class _Log(TrainerCallback):
-        """Logged metrics to metrics.jsonl, with the wall time of the step just finished."""
-
-        step_started = step_seconds = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.step_started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.step_started is not None:
-                self.step_seconds = time.perf_counter() - self.step_started
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:  # one writer under `accelerate launch`
-                timing = {"step_seconds": self.step_seconds} if self.step_seconds is not None else {}
-                metrics.append({"step": state.global_step, **logs, **timing})
-
-    trainer = make_trainer(model, processor, dataset, cfg.trl_args(disable_tqdm=not progress), cfg.segmenter, [_Log()])
+    dataset = build_dataset(list(range(first, first + count)), cfg.source, cfg.stages or None, cfg.tool_mode)
+    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics)])
     t0 = time.perf_counter()
-    latest = _latest_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
     if not trainer.accelerator.is_main_process:
         return {"steps": trainer.state.global_step, "process": trainer.accelerator.process_index}
-    recipe = dict(start_meta.get("recipe", {}))
-    recipe["grpo"] = to_dict(cfg)
     meta = {
         "model_id": str(start_meta.get("model_id", "embedded")).replace("-sft", "") + "-grpo",
         "stage": "grpo",
+        "tool_mode": cfg.tool_mode,
         "parameters": n_parameters(model),
-        "recipe": recipe,
+        "recipe": {**start_meta.get("recipe", {}), "grpo": cfg_recipe},
         "train_seconds": round(time.perf_counter() - t0, 1),
     }
-    final = save(trainer.model, processor, out / "final", meta)
+    final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode)
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,
         "processes": trainer.accelerator.num_processes,
+        "resumed_from": str(latest) if latest is not None else None,
     }
-    summary.update(_finish(metrics, GRPO_PANELS, "grpo.png"))
-    if cfg.eval_seeds[1]:
-        summary["eval"] = evaluate_checkpoint(final, cfg.source, cfg.eval_seeds, cfg.segmenter, progress)
-        (out / "eval.json").write_text(json.dumps(summary["eval"], indent=1))
-    return summary
+    return _finish(summary, cfg, metrics, GRPO_PANELS, "grpo.png")
 
 
-def _finish(metrics: MetricsLog, panels, png: str) -> dict[str, Any]:
+def _finish(
+    summary: dict[str, Any], cfg: SFTConfig | GRPOConfig, metrics: MetricsLog, panels, png: str
+) -> dict[str, Any]:
+    """Metrics as CSV and a plot, then the held-out evaluation of ``final`` if the config asks for one."""
     csv_path = metrics.write_csv() if metrics.rows() else None
     plot = metrics.plot(panels, png)
-    return {
-        "metrics": str(metrics.path),
-        "csv": str(csv_path) if csv_path else None,
-        "plot": str(plot) if plot else None,
-    }
+    summary.update(metrics=str(metrics.path), csv=str(csv_path) if csv_path else None, plot=str(plot) if plot else None)
+    if cfg.eval_seeds[1]:
+        summary["eval"] = evaluate_checkpoint(summary["final"], cfg, progress=not cfg.disable_tqdm)
+        (Path(cfg.output_dir) / "eval.json").write_text(json.dumps(summary["eval"], indent=1))
+    return summary

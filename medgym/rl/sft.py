@@ -1,62 +1,45 @@
 """SFT cold start: expert episodes as multi-turn, multimodal tool conversations.
 
-:func:`expert_conversation` replays a case's expert trace through the same bridge GRPO uses
-(:class:`~medgym.rl.bridge.MedGymToolEnv`): system, user (question pictures + text), then for
-each expert call an assistant turn with a structured ``tool_calls`` entry and a tool turn
-with the tool's real pictures and text, then the expert's ``<answer>``.
+A case becomes its expert conversation (:func:`medgym.rl.conversation.expert_conversation`:
+the expert's calls run through the GRPO bridge, tool turns carry the real pictures and text),
+or, for the no-tools baseline, the question answered straight away (:func:`direct_conversation`).
 
-Training is a lean torch loop rather than TRL's ``SFTTrainer``: assistant-only loss on a VLM
-conversation needs the assistant mask *after* image-token expansion, and TRL 1.16 computes
-it before expansion without re-aligning (see ``trl.chat_template_utils.
-is_chat_template_stop_token_trained``), so with tool images in the middle of a conversation
-the mask would be shifted. Here the mask is found on the final token ids: every span from
-``<|im_start|>assistant\\n`` to its ``<|im_end|>`` (inclusive, so the model learns to stop).
+Training is :class:`SharedPrefixSFTTrainer`, a ``transformers.Trainer`` whose only own part is
+the loss; schedule, optimizer, gradient accumulation, logging, checkpoints and resume are the
+Trainer's. It is not TRL's ``SFTTrainer`` because that one tokenizes the dataset itself and
+patches a fused LM head into the model's forward, and both get in the way here:
+
+- assistant-only loss on a VLM conversation needs the assistant mask *after* image-token
+  expansion; TRL 1.16 computes it before expansion without re-aligning (see
+  ``trl.chat_template_utils.is_chat_template_stop_token_trained``), so with tool images in the
+  middle of a conversation the mask would be shifted. Here it is found on the final token ids:
+  every span from ``<|im_start|>assistant\\n`` to its ``<|im_end|>`` (inclusive, so the model
+  learns to stop);
+- the shared-prefix loss (:func:`shared_prefix_loss`) runs the language model on the common
+  system text and tool list once per group and reuses its KV cache for every conversation,
+  which needs the model's plain forward.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 import logging
-import math
-import random
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import DynamicCache, Trainer
 
 from medgym.environments.case import Case
-from medgym.rl.bridge import MedGymToolEnv, start_case
-from medgym.rl.conversation import multimodal_prompt
+from medgym.environments.contract import DEFAULT_TOOL_MODE, tool_schemas
+from medgym.rl.bridge import MedGymToolEnv
+from medgym.rl.conversation import expert_conversation, multimodal_prompt
+
+if TYPE_CHECKING:
+    from medgym.rl.config import SFTConfig
 
 log = logging.getLogger(__name__)
-
-
-def expert_conversation(case: Case, env: MedGymToolEnv | None = None) -> tuple[list[dict[str, Any]], int]:
-    """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures."""
-    env = env or MedGymToolEnv()
-    start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
-    messages = multimodal_prompt(case)
-    for call in case.expert_calls:
-        messages.append(
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}],
-            }
-        )
-        result = env._call(call.name, dict(call.arguments))
-        if isinstance(result, str):
-            result = [{"type": "text", "text": result}]
-        messages.append({"role": "tool", "name": call.name, "content": result})
-    messages.append({"role": "assistant", "content": [{"type": "text", "text": case.expert_answer}]})
-    n_images = sum(
-        1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
-    )
-    return messages, n_images
 
 
 def assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
@@ -93,9 +76,10 @@ def encode_conversation(
     return out
 
 
-def direct_conversation(case: Case) -> list[dict[str, Any]]:
+def direct_conversation(case: Case, tool_mode: str = DEFAULT_TOOL_MODE) -> list[dict[str, Any]]:
     """The no-tools baseline's conversation: the question, then the expert's answer straight away."""
-    return [*multimodal_prompt(case), {"role": "assistant", "content": [{"type": "text", "text": case.expert_answer}]}]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": case.expert_answer}]}
+    return [*multimodal_prompt(case, tool_mode), answer]
 
 
 def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int:
@@ -118,6 +102,11 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
     return cut
 
 
+def _cache_keyword(model) -> str:
+    """``cache`` in transformers >= 5.2x, ``past_key_values`` before (the old name warns until 5.40 drops it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> torch.Tensor:
     """Mean next-token loss of the examples, running their common ``prefix`` tokens once.
 
@@ -125,16 +114,16 @@ def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> to
     suffix; the suffix gets its multimodal RoPE positions from the whole sequence, so the loss
     equals the full forward's (``tests/rl/test_sft.py`` checks losses and gradients).
     """
-    from transformers import DynamicCache
-
     if prefix == 0:
         return sum(model(**ex).loss for ex in examples) / len(examples)
-    text_positions = torch.arange(prefix).view(1, 1, -1).expand(3, 1, -1)
-    cached = model.model.language_model(
+    keyword = _cache_keyword(model)
+    text_positions = torch.arange(prefix, device=examples[0]["input_ids"].device).view(1, 1, -1).expand(3, 1, -1)
+    out = model.model.language_model(
         input_ids=examples[0]["input_ids"][:, :prefix], position_ids=text_positions, use_cache=True
-    ).past_key_values
+    )
+    cached = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
     kv = [(layer.keys, layer.values) for layer in cached.layers]
-    total = torch.zeros(())
+    total = torch.zeros((), device=kv[0][0].device)
     for ex in examples:
         positions, _ = model.model.get_rope_index(
             ex["input_ids"], ex["mm_token_type_ids"], image_grid_thw=ex.get("image_grid_thw")
@@ -144,134 +133,113 @@ def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> to
             cache.update(k, v, i)
         suffix = {k: ex[k][:, prefix:] for k in ("input_ids", "mm_token_type_ids", "labels")}
         images = {k: ex[k] for k in ("pixel_values", "image_grid_thw") if k in ex}
-        out = model(**suffix, **images, position_ids=positions[:, :, prefix:], past_key_values=cache, use_cache=True)
+        out = model(**suffix, **images, position_ids=positions[:, :, prefix:], use_cache=True, **{keyword: cache})
         total = total + out.loss
     return total / len(examples)
 
 
-@dataclass
-class SFTResult:
-    steps: int
-    final_loss: float
-    seconds: float
-    checkpoint: str | None
+class ConversationDataset(torch.utils.data.Dataset):
+    """Cases as encoded conversations (one per item), built when drawn.
+
+    ``cases`` may be a lazy sequence of thousands (:class:`medgym.environments.sources.CaseRange`):
+    pictures and tool results are made only for the cases drawn; the last 64 are kept, so small
+    case lists (tests, demos) are encoded once.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        processor,
+        with_tools: bool = True,
+        tool_mode: str = DEFAULT_TOOL_MODE,
+        segmenter: str = "threshold",
+    ):
+        self.cases = cases
+        self.processor = processor
+        self.with_tools = with_tools
+        self.tool_mode = tool_mode
+        self.tools = tool_schemas() if with_tools else None
+        self.env = MedGymToolEnv(segmenter=segmenter, tool_mode=tool_mode)
+        self.encoded = functools.lru_cache(maxsize=64)(self._encode)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.encoded(index)
+
+    def _encode(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        if self.with_tools:
+            messages = expert_conversation(case, self.env, self.tool_mode)[0]
+        else:
+            messages = direct_conversation(case, self.tool_mode)
+        return encode_conversation(self.processor, messages, self.tools)
+
+
+def group_collator(conversations: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A batch is a *group* of conversations, kept as a list rather than padded into one tensor.
+
+    The shared-prefix loss needs each conversation whole (its own images, grids and RoPE
+    positions) and the group together (to run their common prefix once), so the collator does
+    not pad; ``per_device_train_batch_size`` is the group size.
+    """
+    return {"conversations": conversations}
+
+
+class SharedPrefixSFTTrainer(Trainer):
+    """``transformers.Trainer`` whose loss runs a group's common system text and tool list once.
+
+    One process only: :func:`shared_prefix_loss` calls the model several times per step (the
+    prefix, then each suffix), and DistributedDataParallel syncs gradients for one forward per
+    backward.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("data_collator", group_collator)
+        super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise ValueError(
+                "SFT runs in one process: the shared-prefix loss makes several forwards per step, which "
+                "DistributedDataParallel cannot sync; run `medgym train sft` without `accelerate launch`"
+            )
+        self.turn_start = self.processing_class.tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        group = inputs["conversations"]
+        loss = shared_prefix_loss(model, group, shared_prefix_length(group, self.turn_start))
+        return (loss, None) if return_outputs else loss
 
 
 def train_sft(
     model,
     processor,
     cases: Sequence[Case],
-    *,
-    epochs: float = 1.0,
-    learning_rate: float = 1e-3,
-    grad_accum: int = 4,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.05,
-    seed: int = 0,
-    with_tools: bool = True,
-    out_dir: str | Path | None = None,
-    save_steps: int = 0,
-    resume: bool = False,
-    log_fn: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = False,
-) -> SFTResult:
-    """Next-token loss on assistant tokens of the cases' conversations (groups of ``grad_accum``).
+    args: SFTConfig,
+    callbacks: list | None = None,
+    resume_from_checkpoint: str | None = None,
+) -> SharedPrefixSFTTrainer:
+    """Next-token loss on the assistant tokens of the cases' conversations; the trainer after training.
 
-    With tools, a case becomes its expert conversation (tool calls and real tool results);
-    without (``with_tools=False``, the no-tools baseline) the question is answered directly.
-    Conversations are built when drawn, so ``cases`` may be a lazy sequence of thousands
-    (:class:`medgym.environments.sources.CaseRange`) without holding their pictures in memory.
+    With ``args.tools``, a case becomes its expert conversation (tool calls and real tool results);
+    without (the no-tools baseline) the question is answered directly.
     """
-    from tqdm import tqdm
-
-    from medgym.rl.policy_model import tool_schemas_cached
-
-    tools = tool_schemas_cached() if with_tools else None
-    env = MedGymToolEnv()
-    turn_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
-
-    @functools.lru_cache(maxsize=64)  # small case lists (tests, demos) are encoded once
-    def example(index: int) -> dict[str, Any]:
-        case = cases[index]
-        messages = expert_conversation(case, env)[0] if with_tools else direct_conversation(case)
-        return encode_conversation(processor, messages, tools)
-
-    total_steps = max(1, math.ceil(len(cases) * epochs / grad_accum))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    start_step = 0
-    loss_value = float("nan")
-    out = Path(out_dir) if out_dir is not None else None
-    if resume and out is not None:
-        state_file = _latest_state(out)
-        if state_file is not None:
-            state = torch.load(state_file, weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_step = int(state["step"])
-            loss_value = float(state.get("loss", float("nan")))
-            log.info("resumed SFT from %s at step %d", state_file, start_step)
-    rng = random.Random(seed)
-    order = [i for _ in range(math.ceil(epochs) + 1) for i in rng.sample(range(len(cases)), len(cases))]
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), desc="sft", unit="step", disable=not progress)
-    for step in bar:
-        optimizer.zero_grad()
-        group = [example(order[(step * grad_accum + k) % len(order)]) for k in range(grad_accum)]
-        loss = shared_prefix_loss(model, group, shared_prefix_length(group, turn_start))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        loss_value = float(loss.item())
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if log_fn is not None:
-            log_fn({"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
-        if out is not None and save_steps and ((step + 1) % save_steps == 0 or step + 1 == total_steps):
-            _save_state(out / f"checkpoint-{step + 1}", model, processor, optimizer, scheduler, step + 1, loss_value)
+    dataset = ConversationDataset(cases, processor, args.tools, args.tool_mode, args.segmenter)
+    trainer = SharedPrefixSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()
-    return SFTResult(
-        steps=total_steps, final_loss=loss_value, seconds=time.perf_counter() - t0, checkpoint=str(out) if out else None
-    )
-
-
-def _save_state(folder: Path, model, processor, optimizer, scheduler, step: int, loss: float) -> None:
-    from medgym.rl.policy_model import save
-
-    save(model, processor, folder)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "loss": loss,
-        },
-        folder / "trainer_state.pt",
-    )
-    (folder / "step.json").write_text(json.dumps({"step": step}))
-
-
-def _latest_state(out: Path) -> Path | None:
-    states = sorted(out.glob("checkpoint-*/trainer_state.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
-    return states[-1] if states else None
+    return trainer
 
 
 __all__ = [
-    "SFTResult",
+    "ConversationDataset",
+    "SharedPrefixSFTTrainer",
     "assistant_mask",
     "direct_conversation",
     "encode_conversation",
-    "expert_conversation",
+    "group_collator",
     "shared_prefix_length",
     "shared_prefix_loss",
     "train_sft",

@@ -1,4 +1,4 @@
-"""`medgym train` runs: checkpoints, resume, metrics JSONL/CSV and plots; `medgym eval --policy embedded`."""
+"""`medgym train` runs: Trainer checkpoints, resume, metrics JSONL/CSV and plots; `medgym eval --policy embedded`."""
 
 from __future__ import annotations
 
@@ -18,27 +18,47 @@ def test_train_refuses_bad_config_with_a_fix(capsys):
 
 def test_sft_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
     from medgym.rl.config import SFTConfig
-    from medgym.rl.runs import run_sft
+    from medgym.rl.runs import last_checkpoint, run_sft
 
     folder, _, _ = tiny_sft
     common = dict(
         output_dir=str(tmp_path / "run"),
         init_from=str(folder),
         train_seeds=[2000, 2],
-        grad_accum=1,
+        per_device_train_batch_size=1,
         save_steps=1,
         learning_rate=1e-3,
+        disable_tqdm=True,
     )
-    first = run_sft(SFTConfig(epochs=1, **common), progress=False)
+    first = run_sft(SFTConfig(num_train_epochs=1, **common))
     run = tmp_path / "run"
-    assert first["steps"] == 2 and (run / "checkpoint-1" / "trainer_state.pt").exists()
+    assert first["steps"] == 2 and first["resumed_from"] is None
+    checkpoint = run / "checkpoint-1"
+    assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "model.safetensors").exists()
+    # Weights once per checkpoint, as safetensors: no pickled state dict beside them.
+    assert not list(run.glob("checkpoint-*/pytorch_model*")) and not list(run.glob("checkpoint-*/*state.pt"))
     assert (run / "final" / "model.safetensors").exists() and (run / "sft.png").stat().st_size > 0
-    second = run_sft(SFTConfig(epochs=2, **common), resume=True, progress=False)
+    assert last_checkpoint(run) == run / "checkpoint-2"
+    second = run_sft(SFTConfig(num_train_epochs=2, **common), resume=True)
+    assert second["resumed_from"] == str(run / "checkpoint-2")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the resumed run went on from step 2, not from 0
+    assert all("loss" in r and "learning_rate" in r for r in rows)
     assert second["steps"] == 4 and (run / "metrics.csv").read_text().startswith("step,")
     meta = json.loads((run / "final" / "medgym.json").read_text())
-    assert "sft" in json.dumps(meta["recipe"]) and meta["parameters"] > 0
+    assert "sft" in json.dumps(meta["recipe"]) and meta["parameters"] > 0 and meta["tool_mode"] == "predicted"
+
+
+def test_interrupted_checkpoint_save_is_skipped(tmp_path):
+    from medgym.rl.runs import last_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_text("half")  # killed before trainer_state.json
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert last_checkpoint(tmp_path / "nowhere") is None
 
 
 def test_eval_embedded_policy_offline(capsys):
@@ -53,14 +73,14 @@ def test_eval_embedded_policy_offline(capsys):
 
 
 def test_eval_unknown_checkpoint_is_a_clear_error(tmp_path):
-    from medgym.cli import make_policy
+    from medgym.cli import main
 
-    with pytest.raises(SystemExit, match="no checkpoint in"):
-        make_policy(f"embedded:{tmp_path}")
+    with pytest.raises(SystemExit, match="no checkpoint at .*medgym train"):
+        main(["eval", "--policy", f"embedded:{tmp_path}", "--n", "1"])
 
 
 def test_grpo_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
-    from medgym.rl.config import GRPOConfigMedgym
+    from medgym.rl.config import GRPOConfig
     from medgym.rl.runs import run_grpo
 
     folder, _, _ = tiny_sft
@@ -73,12 +93,13 @@ def test_grpo_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
         max_completion_length=128,
         save_steps=1,
         beta=0.02,
+        disable_tqdm=True,
     )
-    first = run_grpo(GRPOConfigMedgym(max_steps=1, **common), progress=False)
+    first = run_grpo(GRPOConfig(max_steps=1, **common))
     run = tmp_path / "grpo"
-    assert first["steps"] == 1 and (run / "checkpoint-1").is_dir()
-    second = run_grpo(GRPOConfigMedgym(max_steps=2, **common), resume=True, progress=False)
-    assert second["steps"] == 2
+    assert first["steps"] == 1 and (run / "checkpoint-1" / "trainer_state.json").is_file()
+    second = run_grpo(GRPOConfig(max_steps=2, **common), resume=True)
+    assert second["steps"] == 2 and second["resumed_from"] == str(run / "checkpoint-1")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "reward" in r]
     assert steps == [1, 2]  # the resumed run logged step 2 only
@@ -99,10 +120,10 @@ def test_grpo_runs_in_two_cpu_processes_under_accelerate_launch(tiny_sft, tmp_pa
         *(sys.executable, "-m", "accelerate.commands.launch"),
         *("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"),
         *("--dynamo_backend", "no", "-m", "medgym.cli", "train", "grpo"),
-        *("--init_from", str(folder), "--output_dir", str(out), "--train_seeds", "[2000, 4]"),
-        *("--stages", "[recognition, measurement]"),  # no retrieve calls: no knowledge-base index to build
+        *("--init_from", str(folder), "--output_dir", str(out), "--train_seeds", "2000", "4"),
+        *("--stages", "recognition", "measurement"),  # no retrieve calls: no knowledge-base index to build
         *("--max_steps", "1", "--save_steps", "0", "--per_device_train_batch_size", "2", "--num_generations", "2"),
-        *("--max_completion_length", "96", "--max_tool_calling_iterations", "1"),
+        *("--max_completion_length", "96", "--max_tool_calling_iterations", "1", "--quiet"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env)

@@ -9,9 +9,9 @@ GRPO_SEEDS = [2000, 2001]  # SFT cases whose expert starts with segment (an imag
 
 
 def _args(tmp_path, **kw):
-    from medgym.rl.config import GRPOConfigMedgym
+    from medgym.rl.config import GRPOConfig
 
-    cfg = GRPOConfigMedgym(
+    return GRPOConfig(
         output_dir=str(tmp_path / "grpo"),
         train_seeds=[2000, 2],
         max_steps=kw.pop("max_steps", 2),
@@ -23,25 +23,25 @@ def _args(tmp_path, **kw):
         temperature=1.0,
         beta=0.0,
         save_steps=0,
+        tool_mode="oracle",  # what the tiny policy was trained in (conftest.py)
+        disable_tqdm=True,
+        **kw,
     )
-    return cfg.trl_args(disable_tqdm=True, **kw)
 
 
 @pytest.fixture
-def trainer_parts(tiny_sft, tiny_source, tmp_path):
+def trainer_parts(tiny_sft, tiny_source, tiny_tool_mode, tmp_path):
+    from medgym.environments.expert import expert_calls
     from medgym.rl.grpo import build_dataset
     from medgym.rl.policy_model import load
 
     folder, _, _ = tiny_sft
-    starts = [c.name for s in GRPO_SEEDS for c in tiny_source.case(s).expert_calls[:1]]
+    starts = [expert_calls(tiny_source.case(s), tiny_tool_mode)[0].name for s in GRPO_SEEDS]
     assert starts == ["segment", "segment"]
     model, processor = load(folder)
     model.train()
-    return (
-        model,
-        processor,
-        build_dataset(GRPO_SEEDS, "phantom", stages=["recognition", "measurement", "visual_reasoning"]),
-    )
+    stages = ["recognition", "measurement", "visual_reasoning"]
+    return model, processor, build_dataset(GRPO_SEEDS, "phantom", stages, tiny_tool_mode)
 
 
 def test_dataset_rows_carry_case_and_reward_columns(trainer_parts):

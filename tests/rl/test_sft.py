@@ -4,79 +4,86 @@ from __future__ import annotations
 
 
 def test_expert_conversation_layout(tiny_source):
-    from medgym.rl.conversation import SCALE_NOTE
-    from medgym.rl.sft import expert_conversation
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.conversation import SCALE_NOTE, expert_conversation
 
     case = tiny_source.case(2000)
+    expert = expert_calls(case, "predicted")
     messages, n_images = expert_conversation(case)
     roles = [m["role"] for m in messages]
     assert roles[:2] == ["system", "user"]
-    assert roles[2:] == ["assistant", "tool"] * len(case.expert_calls) + ["assistant"]
+    assert roles[2:] == ["assistant", "tool"] * len(expert) + ["assistant"]
     assert (
         "downscaled" in messages[0]["content"][0]["text"]
         and SCALE_NOTE.split("{")[0] in messages[0]["content"][0]["text"]
     )
     calls = [m["tool_calls"][0]["function"] for m in messages if m.get("tool_calls")]
-    assert [c["name"] for c in calls] == [c.name for c in case.expert_calls]
+    assert [c["name"] for c in calls] == [c.name for c in expert]
     tool_texts = [p["text"] for m in messages if m["role"] == "tool" for p in m["content"] if p["type"] == "text"]
     assert all(t.startswith(f"[{c['name']}] ") for t, c in zip(tool_texts, calls, strict=True))
-    assert messages[-1]["content"][0]["text"] == case.expert_answer
-    assert n_images >= 1 + any(c.name == "segment" for c in case.expert_calls)
+    assert messages[-1]["content"][0]["text"].startswith("<answer>")  # predicted: read off the tool results
+    assert n_images >= 1 + any(c.name == "segment" for c in expert)
+    oracle, _ = expert_conversation(case, tool_mode="oracle")
+    assert oracle[-1]["content"][0]["text"] == case.expert_answer
 
 
 def test_assistant_mask_covers_calls_answer_and_stop(tiny_processor, tiny_source):
-    from medgym.rl.policy_model import tool_schemas_cached
-    from medgym.rl.sft import encode_conversation, expert_conversation
+    from medgym.environments.contract import tool_schemas
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.sft import encode_conversation
 
     case = tiny_source.case(2001)
-    enc = encode_conversation(tiny_processor, expert_conversation(case)[0], tool_schemas_cached())
+    n_calls = len(expert_calls(case, "predicted"))
+    messages, _ = expert_conversation(case)
+    enc = encode_conversation(tiny_processor, messages, tool_schemas())
     labels = enc["labels"][0]
     target = tiny_processor.tokenizer.decode(labels[labels != -100])
-    assert target.count("<|im_end|>") == len(case.expert_calls) + 1
-    assert target.count("<tool_call>") == len(case.expert_calls)
-    assert case.expert_answer in target
+    assert target.count("<|im_end|>") == n_calls + 1
+    assert target.count("<tool_call>") == n_calls
+    assert messages[-1]["content"][0]["text"] in target
     assert "[segment]" not in target and "You are" not in target  # tool results and prompts are not trained on
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((enc["input_ids"] == image_pad).sum()) == 16 * enc["image_grid_thw"].shape[0]
 
 
-def test_short_sft_makes_greedy_output_a_valid_tool_call(tiny_sft):
+def test_short_sft_makes_greedy_output_a_valid_tool_call(tiny_sft, tiny_tool_mode):
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.environments.contract import case_messages
     from medgym.environments.parsing import parse_action
-    from medgym.rl.conversation import multimodal_prompt
-    from medgym.rl.policy_model import generate_turn, load
     from medgym.tools import TOOLS
 
     folder, cases, losses = tiny_sft
     assert losses[-1] < losses[0] / 3
-    model, processor = load(folder)
+    policy = EmbeddedBackend(folder, max_new_tokens=40)  # the runtime that loads what training saved
     ok = 0
     for case in cases[:4]:
-        text = generate_turn(model, processor, multimodal_prompt(case), max_new_tokens=40)
-        action = parse_action(text)
+        action = parse_action(policy.next_turn(case_messages(case, tiny_tool_mode)))
         ok += bool(action.error is None and action.calls and action.calls[0]["name"] in TOOLS)
     assert ok >= 3
 
 
-def test_random_model_does_not_call_tools(tiny_processor, tiny_source):
+def test_random_model_does_not_call_tools(tiny_init, tiny_source):
     """The baseline SFT is measured against: an untrained model never emits a valid call."""
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.environments.contract import case_messages
     from medgym.environments.parsing import parse_action
-    from medgym.rl.conversation import multimodal_prompt
-    from medgym.rl.policy_model import build_model, generate_turn
 
-    model = build_model(tiny_processor, "tiny", seed=3)
-    text = generate_turn(model, tiny_processor, multimodal_prompt(tiny_source.case(2000)), max_new_tokens=24)
+    text = EmbeddedBackend(tiny_init, max_new_tokens=24).next_turn(case_messages(tiny_source.case(2000)))
     assert not parse_action(text).calls
 
 
 def test_shared_prefix_loss_equals_the_full_forward_in_loss_and_gradients(tiny_processor, tiny_source):
     import torch
 
-    from medgym.rl.policy_model import build_model, tool_schemas_cached
-    from medgym.rl.sft import encode_conversation, expert_conversation, shared_prefix_length, shared_prefix_loss
+    from medgym.environments.contract import tool_schemas
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.policy_model import build_model
+    from medgym.rl.sft import encode_conversation, shared_prefix_length, shared_prefix_loss
 
     model = build_model(tiny_processor, "tiny", seed=3)
     group = [
-        encode_conversation(tiny_processor, expert_conversation(tiny_source.case(s))[0], tool_schemas_cached())
+        encode_conversation(tiny_processor, expert_conversation(tiny_source.case(s))[0], tool_schemas())
         for s in (2040, 2041, 2042)
     ]
     start = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
