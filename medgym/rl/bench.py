@@ -9,7 +9,12 @@ from medgym.environments.case import STAGES
 
 
 def run_bench(
-    checkpoints: dict[str, str], n: int = 30, seed: int = 0, source: str = "phantom", progress: bool = True
+    checkpoints: dict[str, str],
+    n: int = 30,
+    seed: int = 0,
+    source: str = "phantom",
+    progress: bool = True,
+    tool_mode: str = "predicted",
 ) -> dict[str, Any]:
     """The expert and each named checkpoint on cases ``seed .. seed + n - 1`` (threshold segmenter)."""
     from medgym.agents.backends import EmbeddedBackend
@@ -17,17 +22,19 @@ def run_bench(
     from medgym.environments.policies import ExpertPolicy
     from medgym.rl.runs import resolve_checkpoint
 
-    policies: dict[str, Any] = {"expert": ExpertPolicy()}
+    policies: dict[str, Any] = {"expert": ExpertPolicy(tool_mode=tool_mode)}
     for name, path in checkpoints.items():
         policies[name] = EmbeddedBackend(resolve_checkpoint(path))
     out = {}
     for name, policy in policies.items():
         t0 = time.perf_counter()
-        ev = evaluate(policy, source=source, n=n, seed=seed, progress=progress, segmenter="threshold")
+        ev = evaluate(
+            policy, source=source, n=n, seed=seed, progress=progress, segmenter="threshold", tool_mode=tool_mode
+        )
         keep = ("accuracy", "by_stage", "n_by_stage", "mean_iou", "tool_calls", "tool_calls_by_name", "tool_errors")
         out[name] = {k: ev[k] for k in (*keep, "format_errors", "mean_steps", "mean_reward")}
         out[name]["seconds_per_case"] = round((time.perf_counter() - t0) / n, 3)
-    return {"n": n, "seed": seed, "source": source, "results": out}
+    return {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "results": out}
 
 
 def bench_table(bench: dict[str, Any]) -> str:

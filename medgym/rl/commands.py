@@ -74,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"medgym train bench: --checkpoint takes NAME=PATH, got {item!r}")
         named[name] = path
-    bench = run_bench(named, n=args.n, seed=args.seed, progress=not args.quiet)
+    bench = run_bench(named, n=args.n, seed=args.seed, progress=not args.quiet, tool_mode=args.tool_mode)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--n", type=int, default=30, help="held-out cases")
     b.add_argument("--seed", type=int, default=0, help="first held-out case seed")
     b.add_argument("--out", help="folder for bench.json and bench.md (the Markdown table)")
+    b.add_argument(
+        "--tool-mode",
+        default="predicted",
+        choices=["predicted", "oracle"],
+        help="tools of every policy (the shipped embedded policy was trained on oracle prompts)",
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
