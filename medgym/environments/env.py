@@ -263,8 +263,9 @@ class MedVQAEnv(gym.Env):
             # Grounding on the model's own boxes: the answered box, and each box it prompted segment with.
             extra["box_iou"] = box_iou(box, self.case.answer_box) if box is not None else 0.0
         if self.ctx.masks and self.case.answer_box is not None:
-            last = list(self.ctx.masks.values())[-1]
-            extra["mask_iou"] = mask_iou(last, lesion_union(self.case.study))
+            last, truth = list(self.ctx.masks.values())[-1], lesion_union(self.case.study)
+            if last.shape == truth.shape:  # a mask of a prior study of another size is not comparable
+                extra["mask_iou"] = mask_iou(last, truth)
         if self._prompt_boxes:
             extra["prompt_iou"] = float(np.mean(prompt_ious(self._prompt_boxes, self.case.study, self.case.prior)))
         dice = mask_dice(self.ctx.masks, self.case.study, self.case.prior)

@@ -22,6 +22,14 @@ ERR_CALL_JSON = 'Format error: tool call {i} is not valid JSON ({details}). Writ
 ERR_CALL_SHAPE = 'Format error: tool call {i} must be an object with a string "name" and an object "arguments".'
 ERR_BOX = "Format error: <box> must hold four finite numbers [x0, y0, x1, y1]."
 ERR_MANY_ANSWERS = "Format error: give exactly one <answer>."
+ERR_CALL_DEEP = (
+    "Format error: tool call {i} nests deeper than {limit} levels of lists and objects. "
+    'Tool arguments are flat: write {{"name": "zoom", "arguments": {{"boxes": [[x0, y0, x1, y1]]}}}}.'
+)
+
+# Tool arguments are at most a list of lists deep; anything far deeper is garbage, and it must not
+# reach the traces (JSON readers stop at a few hundred levels, which would make the file unreadable).
+MAX_JSON_DEPTH = 32
 
 _TAGS = ("tool_call", "answer", "box")
 
@@ -41,7 +49,8 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, dict):
         content = completion.get("content", "")
         if isinstance(content, list):
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            # Text parts only: image parts and malformed parts (no text, or text that is not a string) add nothing.
+            return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         return str(content or "")
     if isinstance(completion, list):
         for message in reversed(completion):
@@ -50,16 +59,68 @@ def completion_text(completion: Any) -> str:
     return ""
 
 
-def parse_box(text: str) -> list[float] | None:
+class InvalidJSON(ValueError):
+    """JSON that does not load: its reason, as the model should read it."""
+
+
+def load_json(text: str) -> Any:
+    """``json.loads`` that raises only :class:`ValueError` with a readable reason.
+
+    Besides malformed text, the standard parser raises ``RecursionError`` on deep nesting and
+    ``ValueError`` on integers of more than 4300 digits; both are garbage a model can emit.
+
+    >>> load_json('{"a": [1, 2]}')
+    {'a': [1, 2]}
+    >>> load_json("[" * 5000 + "]" * 5000)
+    Traceback (most recent call last):
+    ...
+    medgym.environments.parsing.InvalidJSON: nested too deeply
+    """
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(exc.msg) from None
+    except RecursionError:
+        raise InvalidJSON("nested too deeply") from None
+    except ValueError:  # int(...) of a number with more than 4300 digits
+        raise InvalidJSON("a number has thousands of digits; write numbers of a few digits") from None
+
+
+def json_depth(value: Any) -> int:
+    """Levels of lists and objects in a loaded JSON value (iterative: no recursion limit).
+
+    >>> json_depth(1), json_depth([]), json_depth({"a": [[1], 2]})
+    (0, 1, 3)
+    """
+    depth, level = 0, [(value, 1)]
+    while level:
+        item, d = level.pop()
+        if isinstance(item, (list, dict)):
+            depth = max(depth, d)
+            level.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def _finite_number(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer beyond the float range
+        return False
+
+
+def parse_box(text: str) -> list[float] | None:
+    """Four finite numbers ``[x0, y0, x1, y1]``, or None.
+
+    >>> parse_box("[1, 2.5, 3, 4]"), parse_box("[1, 2, 3]"), parse_box("[NaN, 0, 1, 1]"), parse_box("[1e999, 0, 1, 1]")
+    ([1.0, 2.5, 3.0, 4.0], None, None, None)
+    """
+    try:
+        values = load_json(text)
+    except InvalidJSON:
         return None
-    if (
-        isinstance(values, list)
-        and len(values) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-    ):
+    if isinstance(values, list) and len(values) == 4 and all(_finite_number(v) for v in values):
         return [float(v) for v in values]
     return None
 
@@ -90,19 +151,21 @@ def parse_action(text: str) -> Action:
     action = Action()
     for i, raw in enumerate(raw_calls, start=1):
         try:
-            call = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            return Action(error=ERR_CALL_JSON.format(i=i, details=exc.msg))
+            call = load_json(raw)
+        except InvalidJSON as exc:
+            return Action(error=ERR_CALL_JSON.format(i=i, details=exc))
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return Action(error=ERR_CALL_SHAPE.format(i=i))
         arguments = call.get("arguments", {})
         if isinstance(arguments, str):  # some chat templates emit arguments as a JSON string
             try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                return Action(error=ERR_CALL_JSON.format(i=i, details=exc.msg))
+                arguments = load_json(arguments)
+            except InvalidJSON as exc:
+                return Action(error=ERR_CALL_JSON.format(i=i, details=exc))
         if not isinstance(arguments, dict):
             return Action(error=ERR_CALL_SHAPE.format(i=i))
+        if json_depth(arguments) > MAX_JSON_DEPTH:
+            return Action(error=ERR_CALL_DEEP.format(i=i, limit=MAX_JSON_DEPTH))
         action.calls.append({"name": call["name"], "arguments": arguments})
     if boxes:
         action.box = parse_box(boxes[-1].strip())

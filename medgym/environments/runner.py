@@ -14,6 +14,7 @@ error record the model can read, so no runtime loses an episode or a chat sessio
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic_core import to_jsonable_python
 
+from medgym.environments.parsing import MAX_JSON_DEPTH
 from medgym.tools import TOOLS, ToolContext, ToolSpec, run_tool
 from medgym.traces import ImageStore, ToolCallRecord
 
@@ -68,10 +70,10 @@ class CallRecord:
             image_hashes = [store.put(img) for img in self.images] if store is not None else []
         arguments = self.arguments if isinstance(self.arguments, dict) else {"_raw": self.arguments}
         return ToolCallRecord(
-            name=str(self.name),
+            name=utf8(str(self.name)),
             arguments=_json_safe(arguments),
             tool_version=self.tool_version,
-            text=self.text,
+            text=utf8(self.text),
             data=_json_safe(self.data),
             images=image_hashes,
             error=self.error,
@@ -79,8 +81,52 @@ class CallRecord:
         )
 
 
-def _json_safe(value: Any) -> Any:
-    return to_jsonable_python(value, fallback=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+# How a trace keeps numbers JSON has no literal for (pydantic would write null, and the sealed hash
+# would no longer match the line read back). Tools read these strings as the same numbers, so a
+# replayed call is refused with the same text as the recorded one.
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+TOO_DEEP = "<nested too deeply>"
+MAX_INT_BITS = 13_000  # about 3900 digits: JSON readers (and int -> str) stop at 4300
+
+
+def utf8(text: str) -> str:
+    """The text with what UTF-8 cannot hold (lone surrogates) replaced by '?': what a trace can store.
+
+    >>> utf8("ok"), utf8("a\\ud800b")
+    ('ok', 'a?b')
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _json_safe(value: Any, depth: int = MAX_JSON_DEPTH) -> Any:
+    """A JSON-able copy for a trace: arrays as lists, non-finite floats as strings, text UTF-8 safe,
+    nesting cut at ``depth`` levels (readers of the trace file stop at a few hundred).
+
+    >>> _json_safe({"a": (1, float("nan")), 2: np.float32(0.5), "deep": [[[1]]]}, depth=3)
+    {'a': [1, 'NaN'], '2': 0.5, 'deep': [['<nested too deeply>']]}
+    """
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= MAX_INT_BITS else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else NON_FINITE[str(value)]
+    if isinstance(value, str):
+        return utf8(value)
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if depth <= 0:
+            return TOO_DEEP
+        if isinstance(value, dict):
+            return {utf8(str(k)): _json_safe(v, depth - 1) for k, v in value.items()}
+        return [_json_safe(v, depth - 1) for v in value]
+    plain = to_jsonable_python(value, fallback=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return str(plain) if type(plain) is type(value) else _json_safe(plain, depth)
 
 
 def run_call(name: Any, arguments: Any, ctx: ToolContext, registry: dict[str, ToolSpec] = TOOLS) -> CallRecord:

@@ -14,13 +14,19 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "liver": (60.0, 160.0),
 }
 
+FLOAT32_SAFE = 1e30  # windows with bounds below this are computed in float32
+
 OVERLAY_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120)]
 
 
 def apply_window(plane: np.ndarray, center: float, width: float) -> np.ndarray:
     """Map intensities to 0-255 with a linear window; uint8 (H, W)."""
-    lo = center - width / 2.0
-    out = (plane.astype(np.float32) - lo) / max(width, 1e-6)
+    lo, width = center - width / 2.0, max(width, 1e-6)
+    # float32 is exact enough for any real window; one beyond its range (a model may ask for one) is
+    # worked out in float64, where it stays finite (in float32 it became inf / inf = NaN pixels).
+    dtype = np.float32 if abs(lo) < FLOAT32_SAFE and width < FLOAT32_SAFE else np.float64
+    with np.errstate(over="ignore"):  # lo itself may overflow to -inf/inf: the clip maps that to black/white
+        out = (plane.astype(dtype) - lo) / width
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
