@@ -359,6 +359,7 @@ class TransformersBackend:
         image_size: int | None = None,
         tools: bool = True,
         attn_implementation: str | None = None,
+        tool_schemas: list[dict[str, Any]] | None = None,
     ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -378,6 +379,7 @@ class TransformersBackend:
         self.system_prompt = system_prompt
         self.picture = letterboxed(image_size) if image_size else None
         self.tools = tools
+        self.schemas = tool_schemas  # None: the contract's current tools
 
     def conversation(self, messages: list[Message]) -> list[dict[str, Any]]:
         """The chat-template conversation this model is prompted with."""
@@ -385,11 +387,17 @@ class TransformersBackend:
             messages = [{**m, "content": self.system_prompt} if m["role"] == "system" else m for m in messages]
         return chat_conversation(messages, self.picture)
 
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools in the prompt: the contract's, or the ones a checkpoint was trained with (recorded in it)."""
+        if not self.tools:
+            return None
+        return self.schemas if self.schemas is not None else tool_schemas()
+
     def render(self, messages: list[Message]) -> str:
         """The prompt text (what the model reads before generating), for parity checks and debugging."""
         return self.processor.apply_chat_template(
             self.conversation(messages),
-            tools=tool_schemas() if self.tools else None,
+            tools=self.tool_list(),
             add_generation_prompt=True,
             tokenize=False,
         )
@@ -399,7 +407,7 @@ class TransformersBackend:
 
         inputs = self.processor.apply_chat_template(
             self.conversation(messages),
-            tools=tool_schemas() if self.tools else None,
+            tools=self.tool_list(),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -463,6 +471,7 @@ class EmbeddedBackend(TransformersBackend):
             system_prompt=meta.get("system_prompt"),
             image_size=int(meta.get("image_size", EMBEDDED_IMAGE_SIZE)),
             tools=bool(meta.get("tools", True)),
+            tool_schemas=meta.get("tool_schemas"),  # prompted as trained, like its system text
             attn_implementation="eager",  # as trained; on a CPU eager is also the faster kernel at this size
         )
         self.meta = meta
