@@ -219,6 +219,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_writers_after_fork)
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether a trace file ends inside a line (the last write was cut short)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except (FileNotFoundError, OSError):  # no file yet, or an empty one
+        return False
+
+
 class TraceWriter:
     """Append sealed episodes to a JSONL file; images go to ``<file dir>/images`` (written in the background)."""
 
@@ -232,6 +242,8 @@ class TraceWriter:
         self.images.flush()
         sealed = episode.sealed()
         line = sealed.model_dump_json() + "\n"
+        if _ends_torn(self.path):  # a killed run left half a line: start a fresh one, keep the fragment apart
+            line = "\n" + line
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

@@ -26,7 +26,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from medgym.environments import ENV_ID
@@ -442,6 +442,9 @@ def run_call_fuzz(studies: list[Any], examples: int, config: settings) -> Counte
             trace = record.to_trace(None, [f"{i:064x}" for i in range(len(record.images))])
             assert ToolCallRecord.model_validate_json(trace.model_dump_json()) == trace
 
+    # Each tool's own first example, so every tool is sure to run its code at least once.
+    known_good = [(name, dict(spec.examples[0])) for name, spec in TOOLS.items()]
+    calls_on_a_fresh_context = example(mode="oracle", which=0, calls=known_good)(calls_on_a_fresh_context)
     settings(config, max_examples=examples)(calls_on_a_fresh_context)()
     print(f"run_call fuzz: {dict(counts)}")
     return counts

@@ -150,11 +150,6 @@ def test_a_line_that_lost_only_its_newline_is_still_an_episode(tmp_path):
     assert trace.episodes == sealed and trace.problems == []
 
 
-@pytest.mark.xfail(
-    reason="medgym/traces/store.py (not edited here): TraceWriter appends after a torn last line without "
-    "starting a new line, so the next episode is glued to the fragment and lost with it",
-    strict=False,
-)
 def test_writing_after_a_torn_line_keeps_the_new_episode(tmp_path):
     """A run resumed into the folder of a killed one (same --out) must not lose its first episode."""
     path = tmp_path / "traces.jsonl"
