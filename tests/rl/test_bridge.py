@@ -30,7 +30,7 @@ def test_methods_match_the_registry():
 def test_tools_run_on_the_rows_case_and_return_images(tiny_source):
     from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first
 
-    env = MedGymToolEnv()
+    env = MedGymToolEnv(tool_mode="oracle")  # measures a named structure below
     with pytest.raises(RuntimeError, match="reset"):
         env.zoom(boxes=[[0, 0, 10, 10]])
     with pytest.raises(ValueError, match="case_seed"):
@@ -47,6 +47,9 @@ def test_tools_run_on_the_rows_case_and_return_images(tiny_source):
     assert env.tool_calls_ok == 2 and ok_calls_among_first(env, 1) == 1
     env.reset(case_seed=2001)
     assert env.calls == []
+    honest = MedGymToolEnv()  # predicted mode: a ground-truth name is an error the model reads
+    honest.reset(case_seed=2000, source="phantom")
+    assert "not available in predicted mode" in honest.measure(target="body") and not honest.calls[0].ok
 
 
 def test_reset_rebuilds_the_prompted_case_from_a_stage_restricted_source():
