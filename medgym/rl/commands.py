@@ -89,9 +89,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from medgym.rl.quickstart import run_quickstart
 
     summary = run_quickstart(
-        args.out, n_eval=args.n_eval, grpo_steps=args.grpo_steps, progress=not args.quiet, checkpoint=args.checkpoint
+        args.out,
+        n_eval=args.n_eval,
+        grpo_steps=args.grpo_steps,
+        progress=not args.quiet,
+        checkpoint=args.checkpoint,
+        tool_mode=args.tool_mode,
     )
-    print(json.dumps({k: summary[k] for k in ("html", "png", "before", "after", "seconds")}, indent=1, default=str))
+    keys = ("html", "png", "tool_mode", "before", "after", "seconds")
+    print(json.dumps({k: summary[k] for k in keys}, indent=1, default=str))
     return 0
 
 
@@ -129,5 +135,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-eval", type=int, default=12, help="held-out phantom cases per evaluation")
     q.add_argument("--grpo-steps", type=int, default=4, help="GRPO steps of the continuation")
     q.add_argument("--checkpoint", default="embedded", help="starting checkpoint (default: the shipped one)")
+    q.add_argument(
+        "--tool-mode",
+        default="oracle",
+        choices=["predicted", "oracle"],
+        help="oracle by default: the shipped policy was trained on oracle prompts (an upper bound, labelled as such)",
+    )
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)

@@ -44,6 +44,7 @@ def run_quickstart(
     n_train: int = 16,
     progress: bool = True,
     checkpoint: str = "embedded",
+    tool_mode: str = "oracle",
 ) -> dict[str, Any]:
     from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.evaluate import evaluate
@@ -77,6 +78,7 @@ def run_quickstart(
             out=out / name,
             progress=progress,
             segmenter="threshold",
+            tool_mode=tool_mode,
         )
         lap(name, s)
         return ev
@@ -97,6 +99,7 @@ def run_quickstart(
         max_completion_length=256,
         learning_rate=1e-5,
         disable_tqdm=not progress,
+        tool_mode=tool_mode,
     )
     grpo = run_grpo(cfg)
     lap("grpo", s)
@@ -108,6 +111,7 @@ def run_quickstart(
         "before": _brief(before),
         "after": _brief(after),
         "grpo": grpo,
+        "tool_mode": tool_mode,
         "timings": timings,
         "seconds": round(time.perf_counter() - t0, 1),
         "png": str(png),
