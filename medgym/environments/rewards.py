@@ -204,7 +204,13 @@ def written_boxes(completion: Any) -> list[list[float]]:
 
 
 def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A real, finite number that fits a float (JSON ints may be arbitrarily large)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: Any) -> list[float | None]:

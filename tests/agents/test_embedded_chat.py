@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from medgym import EMBEDDED_POLICY_DIR
 from medgym.agents.backends import EmbeddedBackend, default_embedded_path
 from medgym.environments.env import question_images, question_text, system_prompt
@@ -36,3 +38,16 @@ def test_embedded_backend_prompts_the_policy_with_its_training_system_text(monke
         [{"role": "system", "content": "generic", "images": []}, {"role": "user", "content": "q", "images": []}]
     )
     assert backend.system_prompt in text and "generic" not in text and "q" in text
+
+
+def test_the_embedded_backend_prompts_with_the_tools_its_checkpoint_recorded():
+    """A policy is shown the tool schemas it was trained with (recorded in medgym.json), not today's."""
+    from medgym.agents.backends import checkpoint_meta, embedded_path
+
+    backend = EmbeddedBackend()
+    recorded = checkpoint_meta(embedded_path("embedded"))["tool_schemas"]
+    assert backend.tool_list() == recorded
+    text = backend.render(
+        [{"role": "system", "content": "s", "images": []}, {"role": "user", "content": "q", "images": []}]
+    )
+    assert json.dumps(recorded[0]) in text or recorded[0]["function"]["description"] in text
