@@ -19,6 +19,17 @@ CHECKPOINTS_DIR = Path(__file__).parent / "rl" / "checkpoints"
 EMBEDDED_POLICY_DIR = CHECKPOINTS_DIR / "embedded"
 
 ENV_ID = "medgym/MedVQA-v0"
+# "predicted": no tool reads ground truth; "oracle": tools may (an upper bound). Here, not in tools, so the
+# CLI can offer the choice without importing the tools.
+TOOL_MODES = ("predicted", "oracle")
+TOOL_MODE_HELP = "predicted: no tool reads ground truth (default); oracle: tools read it (an upper bound)"
+
+
+def add_tool_mode_option(parser, help: str = TOOL_MODE_HELP, default: str = "predicted") -> None:
+    """The ``--tool-mode`` option of every command that runs tools (an ``argparse`` parser)."""
+    parser.add_argument("--tool-mode", default=default, choices=list(TOOL_MODES), help=help)
+
+
 MAX_EPISODE_STEPS = 8
 
 if ENV_ID not in gymnasium.registry:

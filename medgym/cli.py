@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medgym import add_tool_mode_option
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -111,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=_positive, default=256, help="phantom image size in pixels")
     g.add_argument("--out", required=True)
-    g.add_argument(
-        "--tool-mode",
-        default="predicted",
-        choices=["predicted", "oracle"],
-        help="predicted leaves out questions only an oracle answers (recorded in index.jsonl)",
-    )
+    add_tool_mode_option(g, "predicted leaves out questions only an oracle answers (recorded in index.jsonl)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="run a policy on cases and report accuracy by stage")
@@ -125,12 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="expert",
         help="expert | embedded | embedded-sft | embedded:PATH | transformers:PATH | openai:MODEL@URL | demo",
     )
-    e.add_argument(
-        "--tool-mode",
-        default="predicted",
-        choices=["predicted", "oracle"],
-        help="predicted: no tool reads ground truth (default); oracle: tools read it (an upper bound)",
-    )
+    add_tool_mode_option(e)
     e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     e.add_argument("--source", default="phantom")
     e.add_argument("--n", type=_positive, default=50)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medgym import add_tool_mode_option
+
 BACKEND_CHOICES = ["expert", "demo", "openai", "transformers", "embedded"]
 
 
@@ -63,11 +65,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="also run N sampled trajectories (temperature 0.7) and report how many agree",
     )
     p.add_argument("--segmenter", default="medsam", choices=["threshold", "medsam", "sam"])
-    p.add_argument(
-        "--tool-mode",
-        default="predicted",
-        choices=["predicted", "oracle"],
-        help="predicted: no tool reads ground truth (default); oracle: tools read a case's structures (upper bound)",
+    add_tool_mode_option(
+        p, "predicted: no tool reads ground truth (default); oracle: tools read a case's structures (upper bound)"
     )
     p.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint for --segmenter sam")
 
@@ -142,14 +141,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0 if final.get("status") == "answered" else 1
 
 
-def cmd_web(args: argparse.Namespace) -> int:
-    from medgym.agents.web import check_token, serve
+def _checked_token(args: argparse.Namespace, command: str) -> str | None:
+    """The token (--token or $MEDGYM_TOKEN), checked against the bind address before any model loads."""
+    from medgym.agents.web import check_token
 
     token = args.token or os.environ.get("MEDGYM_TOKEN") or None
     try:
-        check_token(token, args.host)  # before loading a model: refuse at once, saying how to fix it
+        check_token(token, args.host)  # refuse at once, saying how to fix it
     except ValueError as exc:
-        raise SystemExit(f"medgym web: {exc}") from None
+        raise SystemExit(f"medgym {command}: {exc}") from None
+    return token
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from medgym.agents.web import serve
+
+    token = _checked_token(args, "web")
     data = Path(args.data)
     ctx = _context(args, args.backend)
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
@@ -162,13 +169,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from medgym.agents.backends import BackendUnavailable, make_policy
     from medgym.agents.serve import check_servable, serve
-    from medgym.agents.web import check_token
 
-    token = args.token or os.environ.get("MEDGYM_TOKEN") or None
-    try:
-        check_token(token, args.host)  # before loading a model: refuse at once, saying how to fix it
-    except ValueError as exc:
-        raise SystemExit(f"medgym serve: {exc}") from None
+    token = _checked_token(args, "serve")
     try:
         policy = make_policy(args.policy, device=args.device)
         check_servable(policy)

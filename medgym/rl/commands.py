@@ -14,6 +14,8 @@ from pathlib import Path
 
 from trl import TrlParser
 
+from medgym import add_tool_mode_option
+
 
 class ConfigParser(TrlParser):
     """A stage's ``TrlParser`` that also keeps the raw strings it was given.
@@ -121,12 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--n", type=int, default=30, help="held-out cases")
     b.add_argument("--seed", type=int, default=0, help="first held-out case seed")
     b.add_argument("--out", help="folder for bench.json and bench.md (the Markdown table)")
-    b.add_argument(
-        "--tool-mode",
-        default="predicted",
-        choices=["predicted", "oracle"],
-        help="tools of every policy (the shipped embedded policy was trained on oracle prompts)",
-    )
+    add_tool_mode_option(b, "tools of every policy (the shipped embedded policy was trained on oracle prompts)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -135,11 +132,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-eval", type=int, default=12, help="held-out phantom cases per evaluation")
     q.add_argument("--grpo-steps", type=int, default=4, help="GRPO steps of the continuation")
     q.add_argument("--checkpoint", default="embedded", help="starting checkpoint (default: the shipped one)")
-    q.add_argument(
-        "--tool-mode",
+    add_tool_mode_option(
+        q,
+        "oracle by default: the shipped policy was trained on oracle prompts (an upper bound, labelled as such)",
         default="oracle",
-        choices=["predicted", "oracle"],
-        help="oracle by default: the shipped policy was trained on oracle prompts (an upper bound, labelled as such)",
     )
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medgym import TOOL_MODES  # noqa: F401  (re-exported: the one list of tool modes)
+
 log = logging.getLogger(__name__)
 
 # Error texts are module constants so tests (and models) can rely on them verbatim.
@@ -39,7 +41,6 @@ ERR_NOT_JSON = 'Error: the arguments of {name} are not a JSON object: {details}.
 
 StudyName = Literal["current", "prior"]
 ToolMode = Literal["predicted", "oracle"]
-TOOL_MODES: tuple[str, ...] = ("predicted", "oracle")
 
 
 class ToolInputError(ValueError):
