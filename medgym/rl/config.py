@@ -180,6 +180,15 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
     stages: list[str] = _help(
         "Draw training cases from these stages only (empty: all four), e.g. measurement.", default_factory=list
     )
+    attn_implementation: str = _help(
+        "Attention kernel of the policy during GRPO: sdpa (2.5-5x faster than eager on whole rollouts) or eager.",
+        default="sdpa",
+    )
+    shared_prefix: bool = _help(
+        "Run the rollouts' common system text and tool list once per log-prob pass and reuse its KV cache "
+        "(Qwen3-VL policies; others fall back to TRL's batched forward).",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         self.check_medgym()
@@ -199,6 +208,8 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown {unknown}; choose from {list(STAGES)}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be sdpa or eager; got {self.attn_implementation!r}")
         if self.use_vllm and not torch.cuda.is_available():
             raise ValueError("use_vllm needs a CUDA GPU; set use_vllm: false on CPU")
         self.apply_medgym_defaults()

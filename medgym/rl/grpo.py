@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
@@ -30,6 +31,7 @@ from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
 from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
 from medgym.rl.conversation import prompt_messages
+from medgym.rl.sft import cache_keyword
 
 if TYPE_CHECKING:
     from medgym.rl.config import GRPOConfig
@@ -96,6 +98,146 @@ class MedGymGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["timing/tool_seconds"].append(tools)
         self._metrics[mode]["timing/tool_share"].append(tools / rollout if rollout > 0 else 0.0)
         return out
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's log-prob pass, with the rollouts' common system text and tool list run once (``shared_prefix``).
+
+        Falls back to TRL's batched forward for models without multimodal RoPE (``get_rope_index``),
+        MoE aux losses, or batches whose rows share no image-free prefix.
+        """
+        fields = dict(zip(("batch_size", "compute_entropy", "compute_aux_loss"), args, strict=False)) | kwargs
+        inner = self.accelerator.unwrap_model(model)
+        usable = (
+            getattr(self.args, "shared_prefix", False)
+            and not fields.get("compute_aux_loss")
+            and fields.get("mm_token_type_ids") is not None
+            and hasattr(getattr(inner, "model", None), "get_rope_index")
+            and not any(fields.get(k) is not None for k in SHARED_PREFIX_UNSUPPORTED)
+            and (fields.get("pixel_values") is None or fields.get("num_images") is not None)
+        )
+        if usable:
+            turn_start = self._tokenizer.convert_tokens_to_ids("<|im_start|>")
+            rows = rollout_rows(input_ids, attention_mask, fields["mm_token_type_ids"])
+            prefix = common_prefix(rows, turn_start)
+            if prefix >= MIN_SHARED_PREFIX:
+                with self.accelerator.autocast():
+                    return shared_prefix_logps(
+                        model,
+                        inner,
+                        rows,
+                        prefix,
+                        attention_mask,
+                        logits_to_keep,
+                        fields.get("pixel_values"),
+                        fields.get("image_grid_thw"),
+                        fields.get("num_images"),
+                        bool(fields.get("compute_entropy")),
+                    )
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+
+
+# Multimodal fields of other architectures (tiles, patches, Gemma's token types): TRL's own pass handles them.
+SHARED_PREFIX_UNSUPPORTED = (
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "image_position_ids",
+)
+MIN_SHARED_PREFIX = 32
+
+
+def rollout_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Each rollout without its left padding: (token ids, multimodal token types, start column)."""
+    out = []
+    for r in range(input_ids.size(0)):
+        nonzero = attention_mask[r].nonzero()
+        start = int(nonzero[0]) if len(nonzero) else 0
+        out.append((input_ids[r, start:], mm_token_type_ids[r, start:], start))
+    return out
+
+
+def common_prefix(rows: list[tuple[torch.Tensor, torch.Tensor, int]], turn_start: int) -> int:
+    """Length of the image-free token prefix every row shares, cut back to a turn start (0 if none)."""
+    first = rows[0][0]
+    n = min(len(ids) for ids, _, _ in rows)
+    for ids, _, _ in rows[1:]:
+        diff = (ids[:n] != first[:n]).nonzero()
+        if len(diff):
+            n = int(diff[0])
+    for _, mm, _ in rows:
+        media = mm[:n].nonzero()
+        if len(media):
+            n = int(media[0])
+    starts = (first[:n] == turn_start).nonzero()
+    return int(starts[-1]) if len(starts) else 0
+
+
+def shared_prefix_logps(
+    model,
+    inner,
+    rows: list[tuple[torch.Tensor, torch.Tensor, int]],
+    prefix: int,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+    num_images: list[int] | None,
+    compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens of each row, prefix run once.
+
+    The prefix's keys and values are computed once (with gradient when enabled) and reused by each
+    row's suffix, which gets its multimodal RoPE positions from the whole row: the values equal
+    TRL's batched forward (``tests/rl/test_grpo.py`` checks log-probs and gradients). ``model`` is
+    the trainer's (with TRL's fused log-prob head), ``inner`` the unwrapped model.
+    """
+    keyword = cache_keyword(inner)
+    first_ids = rows[0][0]
+    text_positions = torch.arange(prefix, device=first_ids.device).view(1, 1, -1).expand(3, 1, -1)
+    out = inner.model.language_model(input_ids=first_ids[None, :prefix], position_ids=text_positions, use_cache=True)
+    cached = out["cache"] if "cache" in out else out["past_key_values"]
+    kv = [(layer.keys, layer.values) for layer in cached.layers]
+    image_starts = np.cumsum([0, *(num_images or [0] * len(rows))])
+    pixel_starts = None
+    if image_grid_thw is not None:
+        pixel_starts = np.cumsum([0, *image_grid_thw.prod(-1).tolist()])
+    logps, entropies = [], []
+    for r, (ids, mm, start) in enumerate(rows):
+        images: dict[str, torch.Tensor] = {}
+        grid = None
+        if pixel_values is not None and image_grid_thw is not None and pixel_starts is not None:
+            a, b = int(image_starts[r]), int(image_starts[r + 1])
+            if b > a:
+                grid = image_grid_thw[a:b]
+                images = {
+                    "pixel_values": pixel_values[int(pixel_starts[a]) : int(pixel_starts[b])],
+                    "image_grid_thw": grid,
+                }
+        positions, _ = inner.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
+        cache = DynamicCache(config=inner.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        labels = ids[None].masked_fill(attention_mask[r : r + 1, start:] == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        out = model(
+            input_ids=ids[None, prefix:],
+            mm_token_type_ids=mm[None, prefix:],
+            position_ids=positions[:, :, prefix:],
+            labels=labels[:, prefix:],
+            fused_lm_head=True,
+            **images,
+            **{keyword: cache},
+        )
+        logps.append(out.log_probs[:, -logits_to_keep:])
+        if compute_entropy:
+            entropies.append(out.entropy[:, -logits_to_keep:])
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
 
 def _tool_seconds(environments: list[MedGymToolEnv] | None) -> float:

@@ -131,7 +131,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
 
     out, metrics, latest, cfg_recipe = _start(cfg, resume)
     start = resolve_checkpoint(cfg.init_from or "embedded")
-    model, processor = load(start)  # the checkpoint's weights replace these when resuming
+    model, processor = load(start, cfg.attn_implementation)  # the checkpoint's weights replace these when resuming
     model.train()
     start_meta = _meta(start)
     first, count = cfg.train_seeds

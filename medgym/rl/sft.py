@@ -102,7 +102,7 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
     return cut
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """``cache`` in transformers >= 5.2x, ``past_key_values`` before (the old name warns until 5.40 drops it)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -116,7 +116,7 @@ def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> to
     """
     if prefix == 0:
         return sum(model(**ex).loss for ex in examples) / len(examples)
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     text_positions = torch.arange(prefix, device=examples[0]["input_ids"].device).view(1, 1, -1).expand(3, 1, -1)
     out = model.model.language_model(
         input_ids=examples[0]["input_ids"][:, :prefix], position_ids=text_positions, use_cache=True

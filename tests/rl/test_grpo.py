@@ -155,3 +155,50 @@ def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
     assert tool_seconds > 0 and all(c.seconds >= 0 for c in calls)
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed
+
+
+def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_path, monkeypatch):
+    """The log-prob pass that runs the common system text once gives TRL's values and gradients."""
+    from trl import GRPOTrainer
+
+    import medgym.rl.grpo as grpo
+
+    model, processor, dataset = trainer_parts
+    trainer = grpo.make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1))
+    assert trainer.args.shared_prefix
+    captured, shared = [], []
+    ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
+    real_shared = grpo.shared_prefix_logps
+
+    def spy(self, *args, **kwargs):
+        captured.append((args, kwargs))
+        return ours(self, *args, **kwargs)
+
+    def spy_shared(*args, **kwargs):
+        shared.append(args[3])  # the prefix length
+        return real_shared(*args, **kwargs)
+
+    monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(grpo, "shared_prefix_logps", spy_shared)
+    trainer.train()
+    assert shared and min(shared) > 100  # the system text and tool list ran once per pass
+    args, kwargs = captured[-1]  # the loss pass: model, input_ids, attention_mask, logits_to_keep, ...
+    keep = args[3]
+    valid = args[2][:, -keep:].bool()
+    kwargs = {**kwargs, "compute_entropy": True}
+
+    def run(fn):
+        model.zero_grad()
+        logps, entropy, _ = fn(trainer, *args, **kwargs)
+        (logps * valid).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), entropy.detach(), grads
+
+    a_logps, a_entropy, a_grads = run(ours)
+    b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert valid.sum() > 0
+    torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
+    assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
+    for name in a_grads:
+        torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-4, rtol=1e-3, msg=name)
