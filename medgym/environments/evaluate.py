@@ -101,9 +101,14 @@ def evaluate(
     progress: bool = False,
     tool_mode: str = DEFAULT_TOOL_MODE,
     temperature: float = 0.0,
+    per_case: list[dict[str, Any]] | None = None,
     **env_kwargs: Any,
 ) -> dict[str, Any]:
-    """Episodes for case seeds ``seed .. seed + n - 1``; returns the summary dict the CLI prints (:data:`SUMMARY_KEYS`)."""
+    """Episodes for case seeds ``seed .. seed + n - 1``; returns the summary dict the CLI prints (:data:`SUMMARY_KEYS`).
+
+    ``per_case``, a list, receives one row per episode (seed, stage, correct, box IoU, format errors,
+    tool calls): what paired comparisons (bootstrap intervals) between policies need.
+    """
     record_to = Path(out) / "traces.jsonl" if out is not None else None
     env = gym.make(
         ENV_ID, source=source, record_to=record_to, model_id=policy.model_id, tool_mode=tool_mode, **env_kwargs
@@ -127,6 +132,17 @@ def evaluate(
             truncated_n += int(ep["truncated"])
             correct[ep["case"].stage].append(1.0 if info.get("correct") else 0.0)
             rewards.append(ep["reward"])
+            if per_case is not None:
+                per_case.append(
+                    {
+                        "seed": case_seed,
+                        "stage": ep["case"].stage,
+                        "correct": bool(info.get("correct")),
+                        "box_iou": float(info["box_iou"]) if "box_iou" in info else None,
+                        "format_errors": ep["format_errors"],
+                        "tool_calls": sum(ep["calls"].values()),
+                    }
+                )
             for key in ("box_iou", "prompt_iou", "mask_iou", "mask_dice"):
                 if key in info:
                     ious[key].append(float(info[key]))

@@ -8,6 +8,27 @@ from typing import Any
 from medgym.environments.case import STAGES
 
 
+def bootstrap_difference(
+    a: list[float], b: list[float], n_boot: int = 5000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Mean of ``a - b`` over paired cases and its percentile bootstrap interval (cases resampled).
+
+    >>> r = bootstrap_difference([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], n_boot=2000)
+    >>> r["difference"], r["low"] <= r["difference"] <= r["high"]
+    (0.5, True)
+    """
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError("bootstrap_difference needs two equally long, non-empty lists of paired values")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"difference": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+
+
 def run_bench(
     checkpoints: dict[str, str],
     n: int = 30,
@@ -15,8 +36,14 @@ def run_bench(
     source: str = "phantom",
     progress: bool = True,
     tool_mode: str = "predicted",
+    constrained: bool = False,
+    compare: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """The expert and each named checkpoint on cases ``seed .. seed + n - 1`` (threshold segmenter)."""
+    """The expert and each named checkpoint on cases ``seed .. seed + n - 1`` (threshold segmenter).
+
+    ``compare`` names pairs (A, B): each gets the paired bootstrap 95 % interval of A - B in accuracy
+    and answer-box IoU (default: every checkpoint against the first one).
+    """
     from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.evaluate import evaluate
     from medgym.environments.policies import ExpertPolicy
@@ -24,17 +51,44 @@ def run_bench(
 
     policies: dict[str, Any] = {"expert": ExpertPolicy(tool_mode=tool_mode)}
     for name, path in checkpoints.items():
-        policies[name] = EmbeddedBackend(resolve_checkpoint(path))
-    out = {}
+        policies[name] = EmbeddedBackend(resolve_checkpoint(path), constrained=constrained)
+    out, cases = {}, {}
     for name, policy in policies.items():
         t0 = time.perf_counter()
+        cases[name] = []
         ev = evaluate(
-            policy, source=source, n=n, seed=seed, progress=progress, segmenter="threshold", tool_mode=tool_mode
+            policy,
+            source=source,
+            n=n,
+            seed=seed,
+            progress=progress,
+            segmenter="threshold",
+            tool_mode=tool_mode,
+            per_case=cases[name],
         )
-        keep = ("accuracy", "by_stage", "n_by_stage", "mean_iou", "tool_calls", "tool_calls_by_name", "tool_errors")
-        out[name] = {k: ev[k] for k in (*keep, "format_errors", "mean_steps", "mean_reward")}
+        keep = ("accuracy", "by_stage", "n_by_stage", "mean_iou", "mean_prompt_iou", "tool_calls", "tool_calls_by_name")
+        more = ("tool_errors", "format_errors", "format_error_rate", "mean_steps", "mean_reward", "seconds_per_turn")
+        out[name] = {k: ev[k] for k in (*keep, *more)}
+        out[name]["tool_calls_per_episode"] = ev["tool_calls"] / n
         out[name]["seconds_per_case"] = round((time.perf_counter() - t0) / n, 3)
-    return {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "results": out}
+    names = list(checkpoints)
+    pairs = compare if compare is not None else [(other, names[0]) for other in names[1:]]
+    differences = {}
+    for a, b in pairs:
+        acc = bootstrap_difference([float(c["correct"]) for c in cases[a]], [float(c["correct"]) for c in cases[b]])
+        iou = bootstrap_difference(
+            [c["box_iou"] or 0.0 for c in cases[a]], [c["box_iou"] or 0.0 for c in cases[b]], seed=1
+        )
+        differences[f"{a} - {b}"] = {"accuracy": acc, "answer_box_iou": iou}
+    return {
+        "n": n,
+        "seed": seed,
+        "source": source,
+        "tool_mode": tool_mode,
+        "constrained": constrained,
+        "results": out,
+        "differences": differences,
+    }
 
 
 def bench_table(bench: dict[str, Any]) -> str:
@@ -60,4 +114,10 @@ def bench_table(bench: dict[str, Any]) -> str:
             str(r.get("format_errors", "-")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    for pair, diff in bench.get("differences", {}).items():
+        acc, iou = diff["accuracy"], diff["answer_box_iou"]
+        lines.append(
+            f"\n{pair}: accuracy {acc['difference']:+.3f} [95% CI {acc['low']:+.3f}, {acc['high']:+.3f}], "
+            f"answer-box IoU {iou['difference']:+.3f} [{iou['low']:+.3f}, {iou['high']:+.3f}]"
+        )
     return "\n".join(lines)

@@ -76,7 +76,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"medgym train bench: --checkpoint takes NAME=PATH, got {item!r}")
         named[name] = path
-    bench = run_bench(named, n=args.n, seed=args.seed, progress=not args.quiet, tool_mode=args.tool_mode)
+    pairs = [tuple(p.split("-vs-", 1)) for p in args.compare or []]
+    if any(len(p) != 2 or not set(p) <= set(named) for p in pairs):
+        raise SystemExit("medgym train bench: --compare takes A-vs-B with A and B named by --checkpoint")
+    bench = run_bench(
+        named,
+        n=args.n,
+        seed=args.seed,
+        progress=not args.quiet,
+        tool_mode=args.tool_mode,
+        constrained=args.constrained,
+        compare=pairs or None,
+    )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +134,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--n", type=int, default=30, help="held-out cases")
     b.add_argument("--seed", type=int, default=0, help="first held-out case seed")
     b.add_argument("--out", help="folder for bench.json and bench.md (the Markdown table)")
+    b.add_argument(
+        "--compare",
+        action="append",
+        metavar="A-vs-B",
+        help="paired bootstrap 95%% interval of A - B (repeatable; default: each checkpoint against the first)",
+    )
+    b.add_argument("--constrained", action="store_true", help="decode the checkpoints' turns under the turn grammar")
     add_tool_mode_option(b, "tools of every policy (the shipped embedded policy was trained on oracle prompts)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

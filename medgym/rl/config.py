@@ -184,6 +184,24 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "Attention kernel of the policy during GRPO: sdpa (2.5-5x faster than eager on whole rollouts) or eager.",
         default="sdpa",
     )
+    curve_every: int = _help(
+        "Evaluate the live policy on the held-out curve_seeds every N steps and before the first (0: never).",
+        default=0,
+    )
+    curve_seeds: list[int] = _help(
+        "Held-out cases of the learning curve as FIRST COUNT (disjoint from train_seeds).",
+        default_factory=lambda: [0, 100],
+    )
+    collapse_floor: float = _help(
+        "Stop training when tools/call_frequency stays below this for collapse_patience logged steps (0: off).",
+        default=0.0,
+    )
+    collapse_patience: int = _help("Logged steps in a row below collapse_floor before stopping.", default=3)
+    constrained: bool = _help(
+        "Decode every rollout turn under the turn grammar (a tool call matching the tool schemas, or an "
+        "answer in the env's format), so every turn parses (xgrammar; transformers generation only).",
+        default=False,
+    )
     shared_prefix: bool = _help(
         "Run the rollouts' common system text and tool list once per log-prob pass and reuse its KV cache "
         "(Qwen3-VL policies; others fall back to TRL's batched forward).",
@@ -208,6 +226,15 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown {unknown}; choose from {list(STAGES)}")
+        if self.curve_every < 0 or self.collapse_floor < 0:
+            raise ValueError("curve_every and collapse_floor must be >= 0")
+        if self.curve_every:
+            c0, cn = self.curve_seeds
+            a0, an = self.train_seeds
+            if cn <= 0 or (c0 < a0 + an and a0 < c0 + cn):
+                raise ValueError(
+                    f"curve_seeds {self.curve_seeds} must be [first, count>0] and not overlap train_seeds {self.train_seeds}"
+                )
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be sdpa or eager; got {self.attn_implementation!r}")
         if self.use_vllm and not torch.cuda.is_available():

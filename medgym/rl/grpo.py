@@ -15,6 +15,7 @@ why ``pyproject.toml`` pins ``trl`` to the minor version tested. Everything else
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -85,6 +86,47 @@ class MedGymGRPOTrainer(GRPOTrainer):
             shuffle=trl_sampler.shuffle,
             seed=trl_sampler.seed,
         )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's turn generation; with ``constrained``, every turn is decoded under the turn grammar.
+
+        The grammar (:mod:`medgym.agents.constrained`) admits only tool calls that match the tools'
+        schemas or an answer in the env's format, and ends the turn where the grammar is complete,
+        so no rollout wastes its token budget on text that cannot parse. TRL's own ``generate`` call
+        gets the logits processor through the unwrapped model for the length of this turn.
+        """
+        if not getattr(self.args, "constrained", False) or self.use_vllm:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        from transformers import LogitsProcessorList
+
+        from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
+
+        inner = self.accelerator.unwrap_model(self.model)
+        budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
+        stops = stop_ids(self._tokenizer, self.generation_config)
+        grammar = constrained_logits_processor(
+            self._tokenizer,
+            self.tools_schemas,
+            limits=dataclasses.replace(TurnLimits.for_budget(budget), thought_chars=0),  # as the SFT turns start
+            max_new_tokens=budget,
+            stop_token_ids=stops,
+        )
+        inner.generate = functools.partial(type(inner).generate, inner, logits_processor=LogitsProcessorList([grammar]))
+        try:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        finally:
+            del inner.generate
+
+    @functools.cached_property
+    def tools_schemas(self) -> list[dict[str, Any]]:
+        """The tool list the rollouts' prompts carry: the contract's, from the bridge's methods."""
+        from medgym.environments.contract import tool_schemas
+
+        return tool_schemas()
 
     def _generate(self, prompts: list):
         """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds`` and their ratio."""
@@ -329,11 +371,18 @@ def make_trainer(
     reward_names: list[str] | None = None,
     extra_rewards: list[tuple[Any, float]] | None = None,
 ):
-    """The trainer: medgym rewards with env weights (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout.
+    """The trainer: medgym rewards (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout.
+
+    Reward weights are the env's (:data:`~medgym.environments.rewards.REWARD_WEIGHTS`) unless the config's
+    ``reward_weights`` lists one per reward, in :data:`~medgym.environments.rewards.REWARD_FUNCS` order.
 
     Each rollout's env runs the tools with ``args.segmenter`` in ``args.tool_mode``.
     """
     funcs, weights = reward_functions(reward_names)
+    if args.reward_weights is not None and len(args.reward_weights) == len(
+        funcs
+    ):  # the config's, in REWARD_FUNCS order
+        weights = [float(w) for w in args.reward_weights]
     for func, weight in extra_rewards or []:
         funcs.append(func)
         weights.append(float(weight))

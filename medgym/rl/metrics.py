@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 # What the GRPO plots show: (title, candidate keys in TRL's logs, first found wins).
 GRPO_PANELS = [
     ("reward", ("reward",)),
-    ("accuracy (answer reward)", ("rewards/answer/mean",)),
+    ("held-out accuracy", ("heldout/accuracy",)),
+    ("held-out grounding IoU", ("heldout/grounding_iou",)),
+    ("held-out format errors / episode", ("heldout/format_errors_per_episode",)),
     ("tool-call frequency", ("tools/call_frequency",)),
+    ("tool failure frequency", ("tools/failure_frequency",)),
     ("KL to start model", ("kl",)),
+    ("answer reward (rollouts)", ("rewards/answer/mean",)),
 ]
 SFT_PANELS = [("loss", ("loss",)), ("learning rate", ("learning_rate", "lr"))]
 
@@ -79,8 +83,12 @@ class MetricsLog:
         rows = [r for r in self.rows() if "step" in r]
         if not rows:
             return None
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-        for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        cols = min(len(panels), 4)
+        grid_rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(grid_rows, cols, figsize=(4 * cols, 3.2 * grid_rows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (title, keys) in zip(axes.flat, panels, strict=False):
             key = next((k for k in keys if any(k in r for r in rows)), None)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medgym.rl.config import GRPOConfig, SFTConfig, recipe
+from medgym.rl.curve import CollapseGuard, HeldOutCurve
 from medgym.rl.metrics import GRPO_PANELS, SFT_PANELS, MetricsCallback, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     start_meta = _meta(start)
     first, count = cfg.train_seeds
     dataset = build_dataset(list(range(first, first + count)), cfg.source, cfg.stages or None, cfg.tool_mode)
-    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics)])
+    curve = HeldOutCurve(cfg, metrics, {**start_meta, "stage": "grpo", "tool_mode": cfg.tool_mode})
+    guard = CollapseGuard(cfg.collapse_floor, cfg.collapse_patience)
+    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics), curve, guard])
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
     if not trainer.accelerator.is_main_process:
@@ -148,11 +151,15 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
         "parameters": n_parameters(model),
         "recipe": {**start_meta.get("recipe", {}), "grpo": cfg_recipe},
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "collapse": guard.stopped,
+        "heldout_curve": curve.points,
     }
     final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode)
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,
+        "stopped": guard.stopped,
+        "curve": curve.points,
         "processes": trainer.accelerator.num_processes,
         "resumed_from": str(latest) if latest is not None else None,
     }

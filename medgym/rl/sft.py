@@ -13,11 +13,14 @@ patches a fused LM head into the model's forward, and both get in the way here:
   expansion; TRL 1.16 computes it before expansion without re-aligning (see
   ``trl.chat_template_utils.is_chat_template_stop_token_trained``), so with tool images in the
   middle of a conversation the mask would be shifted. Here it is found on the final token ids:
-  every span from ``<|im_start|>assistant\\n`` to its ``<|im_end|>`` (inclusive, so the model
-  learns to stop);
+  every span from the template's assistant header (Qwen's ``<|im_start|>assistant\\n``, Gemma's
+  ``<start_of_turn>model\\n``, SmolVLM's ``Assistant:``; :func:`turn_markers` reads them off the
+  chat template) to its end-of-turn token (inclusive, so the model learns to stop);
 - the shared-prefix loss (:func:`shared_prefix_loss`) runs the language model on the common
   system text and tool list once per group and reuses its KV cache for every conversation,
-  which needs the model's plain forward.
+  which needs the model's plain forward. It applies to multimodal-RoPE models (the Qwen-VL
+  family: ``mm_token_type_ids`` and ``get_rope_index``); any other VLM trains on the plain full
+  forward of each conversation.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,17 +46,51 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
-    """1 on assistant-generated tokens (content, tool calls and the closing ``<|im_end|>``), else 0."""
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    header = tokenizer.encode("assistant\n", add_special_tokens=False)
+ERR_TURNS = (
+    "found {found} assistant turns in the encoded conversation but it has {expected}: the chat template's "
+    "assistant header {header!r} does not tokenize the same inside the conversation; give the template an "
+    "assistant header that starts with a special token"
+)
+
+
+@dataclass(frozen=True)
+class TurnMarkers:
+    """Token ids that open an assistant turn (the template's generation prompt) and the token that closes it."""
+
+    header: tuple[int, ...]
+    end: int
+
+
+def turn_markers(processor) -> TurnMarkers:
+    """The assistant header and end-of-turn token of a processor's chat template, read off two probe renders.
+
+    The header is what ``add_generation_prompt`` appends; the end is the first token the template
+    writes after an assistant message's text (Qwen: ``<|im_start|>assistant\\n`` ... ``<|im_end|>``).
+    """
+    user = [{"role": "user", "content": [{"type": "text", "text": "PROBE"}]}]
+    reply = [*user, {"role": "assistant", "content": [{"type": "text", "text": "REPLY"}]}]
+    bare = processor.apply_chat_template(user, tokenize=False)
+    prompted = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    answered = processor.apply_chat_template(reply, tokenize=False)
+    if not prompted.startswith(bare) or len(prompted) == len(bare) or "REPLY" not in answered:
+        raise ValueError("the chat template has no generation prompt to mark assistant turns with")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    header = tokenizer.encode(prompted[len(bare) :], add_special_tokens=False)
+    end = tokenizer.encode(answered[answered.rindex("REPLY") + len("REPLY") :], add_special_tokens=False)
+    if not end:
+        raise ValueError("the chat template writes nothing after an assistant message: no end-of-turn token")
+    return TurnMarkers(tuple(header), end[0])
+
+
+def assistant_mask(input_ids: list[int], markers: TurnMarkers) -> list[int]:
+    """1 on assistant-generated tokens (content, tool calls and the closing end-of-turn token), else 0."""
+    header = list(markers.header)
     mask = [0] * len(input_ids)
     i = 0
     while i < len(input_ids):
-        if input_ids[i] == start and input_ids[i + 1 : i + 1 + len(header)] == header:
-            j = i + 1 + len(header)
-            while j < len(input_ids) and input_ids[j] != end:
+        if input_ids[i : i + len(header)] == header:
+            j = i + len(header)
+            while j < len(input_ids) and input_ids[j] != markers.end:
                 mask[j] = 1
                 j += 1
             if j < len(input_ids):
@@ -63,14 +101,24 @@ def assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
 
 
 def encode_conversation(
-    processor, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    processor, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, markers: TurnMarkers | None = None
 ) -> dict[str, Any]:
-    """Model inputs (batch of one: ids, pixels, grids, mm token types) and labels (-100 outside assistant turns) for one conversation."""
+    """Model inputs (batch of one: ids, pixels and the architecture's image fields) and labels (-100 outside assistant turns).
+
+    ``markers`` default to :func:`turn_markers` of the processor.
+    """
+    markers = markers or turn_markers(processor)
     enc = processor.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=False
     )
     ids = enc["input_ids"]
-    mask = torch.tensor([assistant_mask(ids[0].tolist(), processor.tokenizer)], dtype=torch.bool)
+    flags = assistant_mask(ids[0].tolist(), markers)
+    found = sum(1 for a, b in zip([0, *flags], flags, strict=False) if b and not a)
+    expected = sum(1 for m in messages if m["role"] == "assistant")
+    if found != expected:
+        header = processor.tokenizer.decode(list(markers.header))
+        raise ValueError(ERR_TURNS.format(found=found, expected=expected, header=header))
+    mask = torch.tensor([flags], dtype=torch.bool)
     out = {k: v for k, v in enc.items() if k != "attention_mask"}
     out["labels"] = torch.where(mask, ids, torch.full_like(ids, -100))
     return out
@@ -87,7 +135,10 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
 
     Every conversation opens with the same system text and tool list (about 730 of ~1000
     tokens), so :func:`shared_prefix_loss` runs it once per group instead of once per example.
+    Examples without ``mm_token_type_ids`` (VLMs outside the Qwen-VL family) share nothing.
     """
+    if any("mm_token_type_ids" not in ex for ex in examples):
+        return 0
     rows = [ex["input_ids"][0] for ex in examples]
     n = min(len(r) for r in rows)
     for r in rows[1:]:
@@ -100,6 +151,12 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
     if any((ex["labels"][0, :cut] != -100).any() or (ex["mm_token_type_ids"][0, :cut] != 0).any() for ex in examples):
         return 0
     return cut
+
+
+def has_multimodal_rope(model) -> bool:
+    """Whether :func:`shared_prefix_loss` can split the model's forward: a language model and ``get_rope_index``."""
+    inner = getattr(model, "model", None)
+    return hasattr(inner, "get_rope_index") and hasattr(inner, "language_model")
 
 
 def cache_keyword(model) -> str:
@@ -160,6 +217,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.tool_mode = tool_mode
         self.tools = tool_schemas() if with_tools else None
         self.env = MedGymToolEnv(segmenter=segmenter, tool_mode=tool_mode)
+        self.markers = turn_markers(processor)
         self.encoded = functools.lru_cache(maxsize=64)(self._encode)
 
     def __len__(self) -> int:
@@ -174,7 +232,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             messages = expert_conversation(case, self.env, self.tool_mode)[0]
         else:
             messages = direct_conversation(case, self.tool_mode)
-        return encode_conversation(self.processor, messages, self.tools)
+        return encode_conversation(self.processor, messages, self.tools, self.markers)
 
 
 def group_collator(conversations: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -192,7 +250,8 @@ class SharedPrefixSFTTrainer(Trainer):
 
     One process only: :func:`shared_prefix_loss` calls the model several times per step (the
     prefix, then each suffix), and DistributedDataParallel syncs gradients for one forward per
-    backward.
+    backward. Models without multimodal RoPE (:func:`has_multimodal_rope`: SmolVLM, Gemma 3) take
+    the plain full forward of each conversation.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -203,11 +262,15 @@ class SharedPrefixSFTTrainer(Trainer):
                 "SFT runs in one process: the shared-prefix loss makes several forwards per step, which "
                 "DistributedDataParallel cannot sync; run `medgym train sft` without `accelerate launch`"
             )
-        self.turn_start = self.processing_class.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        # The assistant header opens with the template's turn start (Qwen: <|im_start|>); models without
+        # multimodal RoPE train on the plain full forward (prefix 0).
+        self.turn_start = turn_markers(self.processing_class).header[0]
+        self.shares_prefix = has_multimodal_rope(self.model)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         group = inputs["conversations"]
-        loss = shared_prefix_loss(model, group, shared_prefix_length(group, self.turn_start))
+        prefix = shared_prefix_length(group, self.turn_start) if self.shares_prefix else 0
+        loss = shared_prefix_loss(model, group, prefix)
         return (loss, None) if return_outputs else loss
 
 
@@ -236,11 +299,14 @@ def train_sft(
 __all__ = [
     "ConversationDataset",
     "SharedPrefixSFTTrainer",
+    "TurnMarkers",
     "assistant_mask",
     "direct_conversation",
     "encode_conversation",
     "group_collator",
+    "has_multimodal_rope",
     "shared_prefix_length",
     "shared_prefix_loss",
     "train_sft",
+    "turn_markers",
 ]

@@ -202,3 +202,46 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
     assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
     for name in a_grads:
         torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_collapse_guard_stops_training_when_tool_calls_die_out():
+    from transformers import TrainerControl, TrainerState
+
+    from medgym.rl.curve import CollapseGuard
+
+    guard, control, state = CollapseGuard(floor=0.5, patience=2), TrainerControl(), TrainerState()
+    for step, freq in enumerate([0.9, 0.4, 0.8, 0.3], start=1):  # dips that recover do not stop it
+        state.global_step = step
+        guard.on_log(None, state, control, logs={"tools/call_frequency": freq})
+    assert not control.should_training_stop and guard.stopped is None
+    state.global_step = 5
+    guard.on_log(None, state, control, logs={"tools/call_frequency": 0.1})
+    assert control.should_training_stop
+    assert "tool-call collapse" in guard.stopped and "step 5" in guard.stopped and "collapse_floor=0.5" in guard.stopped
+    off = CollapseGuard(floor=0.0)
+    off.on_log(None, state, TrainerControl(), logs={"tools/call_frequency": 0.0})
+    assert off.stopped is None
+
+
+def test_curve_seeds_must_not_overlap_training(tmp_path):
+    with pytest.raises(ValueError, match="curve_seeds"):
+        _args(tmp_path, curve_every=5, curve_seeds=[2000, 10])
+    assert _args(tmp_path, curve_every=5, curve_seeds=[0, 100]).curve_every == 5
+
+
+def test_held_out_curve_logs_points_before_and_during_training(trainer_parts, tmp_path):
+    from medgym.rl.curve import HeldOutCurve
+    from medgym.rl.grpo import make_trainer
+    from medgym.rl.metrics import GRPO_PANELS, MetricsLog
+
+    model, processor, dataset = trainer_parts
+    args = _args(tmp_path, max_steps=1, curve_every=1, curve_seeds=[5000, 2], segmenter="threshold")
+    metrics = MetricsLog(tmp_path / "m")
+    curve = HeldOutCurve(args, metrics, {"model_id": "tiny"})
+    make_trainer(model, processor, dataset, args, [curve]).train()
+    assert [p["step"] for p in curve.points] == [0, 1]
+    for point in curve.points:
+        assert 0.0 <= point["heldout/accuracy"] <= 1.0 and point["heldout/tool_calls_per_episode"] >= 0
+        assert "heldout/grounding_iou" in point and "heldout/format_errors_per_episode" in point
+    assert [r["step"] for r in metrics.rows()] == [0, 1]
+    assert metrics.plot(GRPO_PANELS, "grpo.png").stat().st_size > 10_000
