@@ -21,6 +21,12 @@ def _positive(text: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.model or args.fix:
+        if not args.model:
+            raise SystemExit("medgym check: --fix OUT needs --model DIR (the folder to repair)")
+        from medgym.models.commands import cmd_check_model
+
+        return cmd_check_model(args)
     from medgym.environments.checks import run_checks
 
     results = run_checks(segmenter=args.segmenter)
@@ -61,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from medgym.environments.evaluate import evaluate
 
     try:
-        policy = make_policy(args.policy, tool_mode=args.tool_mode)
+        policy = make_policy(args.policy, tool_mode=args.tool_mode, constrained=args.constrained)
     except BackendUnavailable as exc:
         raise SystemExit(f"medgym eval: {exc}") from None
     summary = evaluate(
@@ -103,8 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="check_env on the env and check_tool on every tool; non-zero exit on failure")
+    c = sub.add_parser(
+        "check",
+        help="check_env on the env and check_tool on every tool, or with --model DIR a model folder's "
+        "tool-image contract; non-zero exit on failure",
+    )
     c.add_argument("--segmenter", default="threshold", choices=["threshold", "medsam"], help="segment backend to check")
+    from medgym.models.commands import add_check_options
+
+    add_check_options(c)
     c.set_defaults(func=cmd_check)
 
     g = sub.add_parser("generate", help="write cases (arrays + question + expert trace) to a folder")
@@ -124,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tool_mode_option(e)
     e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    e.add_argument(
+        "--constrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="decode the policy under the turn grammar so every turn parses (local models; openai: sends the "
+        "grammar as vLLM's structured_outputs); off by default, so format errors are measured",
+    )
     e.add_argument("--source", default="phantom")
     e.add_argument("--n", type=_positive, default=50)
     e.add_argument("--seed", type=int, default=0)
@@ -141,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Each subpackage adds its own commands; its handlers import lazily so the CLI starts fast.
     from medgym.agents import commands as agent_commands
     from medgym.evaluation import commands as trace_commands
+    from medgym.models import commands as model_commands
     from medgym.rl import commands as rl_commands
 
-    for module in (agent_commands, rl_commands, trace_commands):
+    for module in (agent_commands, rl_commands, trace_commands, model_commands):
         module.register(sub)
     return p
 

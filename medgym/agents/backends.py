@@ -37,6 +37,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,14 @@ def openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions endpoint; native tool calls come back as ``<tool_call>`` text."""
+    """Any OpenAI-compatible chat-completions endpoint; native tool calls come back as ``<tool_call>`` text.
+
+    Requests carry the tools (``tools=``, ``tool_choice: "auto"``). ``constrained=True`` also asks the
+    endpoint to decode under the turn grammar: ``extra_body={"structured_outputs": {"grammar": EBNF}}``
+    (:func:`medgym.agents.constrained.turn_grammar`), vLLM's structured outputs (v0.12 and later; its
+    xgrammar backend reads this EBNF). It is not part of the OpenAI API: other servers ignore it or
+    refuse the request, so it is opt-in.
+    """
 
     def __init__(
         self,
@@ -227,6 +235,7 @@ class OpenAIBackend:
         max_tokens: int = 1024,
         timeout: float = 120.0,
         client: Any = None,
+        constrained: bool = False,
     ):
         if client is None:
             from openai import OpenAI
@@ -241,14 +250,25 @@ class OpenAIBackend:
         self.model = model
         self.model_id = f"openai:{model}"
         self.max_tokens = max_tokens
+        self.constrained = constrained
+
+    def request_options(self) -> dict[str, Any]:
+        """What every request carries besides the messages: tools, sampling budget, the grammar when constrained."""
+        tools = tool_schemas()
+        options: dict[str, Any] = {"tools": tools, "tool_choice": "auto", "max_tokens": self.max_tokens}
+        if self.constrained:
+            from medgym.agents.constrained import TurnLimits, turn_grammar
+
+            grammar = turn_grammar(tools, TurnLimits.for_budget(self.max_tokens))
+            options["extra_body"] = {"structured_outputs": {"grammar": grammar}}
+        return options
 
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
         response = self.client.chat.completions.create(
             model=self.model,
             messages=openai_messages(messages),
-            tools=tool_schemas(),
             temperature=temperature,
-            max_tokens=self.max_tokens,
+            **self.request_options(),
         )
         message = response.choices[0].message
         text = message.content or ""
@@ -345,14 +365,15 @@ class TransformersBackend:
 
     ``system_prompt`` replaces the system text (a checkpoint prompted as it was trained);
     ``image_size`` letterboxes pictures into squares first (None: the processor resizes);
-    ``tools=False`` prompts without the tool list (a no-tools baseline).
+    ``tools=False`` prompts without the tool list (a no-tools baseline); ``constrained=True`` decodes
+    under the turn grammar (:mod:`medgym.agents.constrained`), so every turn parses.
     """
 
     def __init__(
         self,
         path: str | Path,
         device: str | None = None,
-        max_new_tokens: int = 512,
+        max_new_tokens: int | None = None,
         dtype: str = "auto",
         model_id: str | None = None,
         system_prompt: str | None = None,
@@ -360,6 +381,8 @@ class TransformersBackend:
         tools: bool = True,
         attn_implementation: str | None = None,
         tool_schemas: list[dict[str, Any]] | None = None,
+        constrained: bool = False,
+        turn_limits: Any = None,
     ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -374,12 +397,15 @@ class TransformersBackend:
         self.model = (
             AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch_dtype, **kwargs).to(self.device).eval()
         )
-        self.max_new_tokens = max_new_tokens
+        # None: the folder's own turn length (generation_config.max_new_tokens, e.g. a zoo model's), else 512
+        self.max_new_tokens = max_new_tokens or self.model.generation_config.max_new_tokens or 512
         self.model_id = model_id or f"transformers:{Path(self.path).name}"
         self.system_prompt = system_prompt
         self.picture = letterboxed(image_size) if image_size else None
         self.tools = tools
         self.schemas = tool_schemas  # None: the contract's current tools
+        self.constrained = constrained
+        self.turn_limits = turn_limits  # constrained.TurnLimits; None: sized from max_new_tokens
 
     def conversation(self, messages: list[Message]) -> list[dict[str, Any]]:
         """The chat-template conversation this model is prompted with."""
@@ -402,6 +428,23 @@ class TransformersBackend:
             tokenize=False,
         )
 
+    def grammar_options(self) -> dict[str, Any]:
+        """``generate`` options that decode one turn under the turn grammar (a fresh processor each call)."""
+        from transformers import LogitsProcessorList
+
+        from medgym.agents.constrained import constrained_logits_processor, stop_ids
+
+        stops = stop_ids(self.processor.tokenizer, self.model.generation_config)
+        grammar = constrained_logits_processor(
+            self.processor.tokenizer,
+            self.tool_list(),
+            limits=self.turn_limits,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=stops,
+        )
+        # generate must stop on every token the grammar ends a turn with
+        return {"logits_processor": LogitsProcessorList([grammar]), "eos_token_id": list(stops)}
+
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
         import torch
 
@@ -416,6 +459,8 @@ class TransformersBackend:
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
+        if self.constrained:
+            sampling.update(self.grammar_options())
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
         new = out[0, inputs["input_ids"].shape[1] :]
@@ -432,12 +477,16 @@ EMBEDDED_IMAGE_SIZE = 128  # the embedded policy's pictures: 8 x 8 patches of 16
 EMBEDDED_MAX_NEW_TOKENS = 96
 
 
+SHIPPED_CHECKPOINTS = ("embedded", "embedded-sft")  # package data: SFT + GRPO (the default), and SFT alone
+
+
 def embedded_path(name_or_path: str | Path | None) -> Path:
-    """A shipped checkpoint by name (``embedded``, ``embedded-sft``) or a folder path."""
+    """A shipped checkpoint by name (:data:`SHIPPED_CHECKPOINTS`) or a folder path."""
     if name_or_path in (None, "", "embedded"):
         return default_embedded_path()
-    candidate = CHECKPOINTS_DIR / str(name_or_path)
-    return candidate if str(name_or_path).startswith("embedded") and candidate.is_dir() else Path(name_or_path)
+    if str(name_or_path) in SHIPPED_CHECKPOINTS:
+        return CHECKPOINTS_DIR / str(name_or_path)
+    return Path(name_or_path)
 
 
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -450,7 +499,8 @@ class EmbeddedBackend(TransformersBackend):
 
     Training lives in ``medgym.rl`` (never imported here); this only loads what training saved and
     prompts it as it was trained: its recorded system text, 128-px letterboxed pictures, the tool
-    list unless it is a no-tools baseline.
+    list unless it is a no-tools baseline. Constrained, its turns start with a tag: it was trained on
+    turns without thoughts, so free text before the calls would only be noise.
     """
 
     def __init__(
@@ -458,11 +508,15 @@ class EmbeddedBackend(TransformersBackend):
         checkpoint: str | Path | None = None,
         device: str | None = None,
         max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS,
+        constrained: bool = False,
     ):
         path = embedded_path(checkpoint)
         if not (path / "config.json").is_file():
             raise BackendUnavailable(ERR_NO_EMBEDDED.format(path=path))
         meta = checkpoint_meta(path)
+        from medgym.agents.constrained import TurnLimits
+
+        limits = replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0)
         super().__init__(
             path,
             device=device or "cpu",
@@ -472,7 +526,9 @@ class EmbeddedBackend(TransformersBackend):
             image_size=int(meta.get("image_size", EMBEDDED_IMAGE_SIZE)),
             tools=bool(meta.get("tools", True)),
             tool_schemas=meta.get("tool_schemas"),  # prompted as trained, like its system text
-            attn_implementation="eager",  # as trained; on a CPU eager is also the faster kernel at this size
+            attn_implementation="sdpa",  # ~2x faster than eager on its ~1,200-token prompts (same greedy turns)
+            constrained=constrained,
+            turn_limits=limits,
         )
         self.meta = meta
 
@@ -496,25 +552,27 @@ def make_policy(spec: str, *, case: Case | None = None, tool_mode: str = DEFAULT
     """A policy from its spec (see the module docstring); ``case`` binds the expert, other options go to the backend.
 
     Legacy options still work: ``--backend transformers --model PATH`` (``model_path``), ``--backend openai
-    --model NAME --base-url URL``, ``--backend embedded --checkpoint PATH``.
+    --model NAME --base-url URL``, ``--backend embedded --checkpoint PATH``. ``constrained=True`` decodes
+    model policies under the turn grammar (:mod:`medgym.agents.constrained`); scripted ones ignore it.
     """
     name, arg = parse_spec(spec)
     device = options.get("device")
+    constrained = bool(options.get("constrained", False))
     if name == "expert" and not arg:
         return ExpertPolicy(case, tool_mode)  # without a case: bound per episode through for_case
     if name == "demo" and not arg:
         return DemoBackend()
     if name in ("embedded", "embedded-sft"):
-        return EmbeddedBackend(arg or options.get("checkpoint") or name, device=device)
+        return EmbeddedBackend(arg or options.get("checkpoint") or name, device=device, constrained=constrained)
     if name == "transformers":
         path = arg or options.get("model_path")
         if not path:
             raise BackendUnavailable(ERR_NEEDS_PATH.format(name=name))
-        return TransformersBackend(path, device=device)
+        return TransformersBackend(path, device=device, constrained=constrained)
     if name == "openai":
         model, _, url = arg.partition("@")
         model = model or options.get("model") or "default"
-        return OpenAIBackend(model, url or options.get("base_url"), options.get("api_key"))
+        return OpenAIBackend(model, url or options.get("base_url"), options.get("api_key"), constrained=constrained)
     raise BackendUnavailable(ERR_UNKNOWN_POLICY.format(spec=spec))
 
 

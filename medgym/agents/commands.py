@@ -12,11 +12,33 @@ from typing import Any
 
 from medgym import add_tool_mode_option
 
-BACKEND_CHOICES = ["expert", "demo", "openai", "transformers", "embedded"]
+BACKEND_CHOICES = ["expert", "demo", "openai", "transformers", "embedded", "embedded-sft"]
+MODEL_BACKENDS = ("openai", "transformers", "embedded", "embedded-sft")
+DEFAULT_BACKEND = "embedded"  # the chat and the web page run the project's own policy, constrained
+
+
+def backend_spec(text: str) -> str:
+    """``--backend``: a name from :data:`BACKEND_CHOICES`, or a full spec (``openai:MODEL@URL``, ``embedded:PATH``)."""
+    name = text.partition(":")[0]
+    if name not in BACKEND_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {text!r}; write one of {', '.join(BACKEND_CHOICES)} "
+            "(or a spec: openai:MODEL@URL, transformers:PATH, embedded:PATH)"
+        )
+    return text
+
+
+def constrained_default(flag: bool | None, backend: str) -> bool:
+    """``--constrained`` as given, else on for local models and off for endpoints (the grammar is a vLLM extension).
+
+    >>> constrained_default(None, "embedded"), constrained_default(None, "openai:m@http://h/v1"), constrained_default(True, "openai")
+    (True, False, True)
+    """
+    return flag if flag is not None else backend.partition(":")[0] != "openai"
 
 
 def _context(args: argparse.Namespace, backend: str):
-    from medgym.agents.backends import BackendUnavailable, make_backend
+    from medgym.agents.backends import BackendUnavailable, make_backend, parse_spec
     from medgym.agents.graph import AgentContext
 
     options: dict[str, Any] = {
@@ -24,9 +46,10 @@ def _context(args: argparse.Namespace, backend: str):
         "base_url": args.base_url,
         "model_path": args.model,
         "checkpoint": args.checkpoint,
+        "constrained": constrained_default(args.constrained, backend),
     }
     chosen: Any = backend
-    if backend in ("openai", "transformers", "embedded"):
+    if parse_spec(backend)[0] in MODEL_BACKENDS:
         try:
             chosen = make_backend(backend, **options)  # load once, fail early with a clear message
         except BackendUnavailable as exc:
@@ -45,10 +68,20 @@ def _context(args: argparse.Namespace, backend: str):
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
-        default="expert",
-        choices=BACKEND_CHOICES,
-        help="planner: expert (phantom cases; uploads use the scripted demo), demo (scripted, not a model), "
-        "openai (--base-url, --model), transformers (--model PATH), embedded (--checkpoint)",
+        default=DEFAULT_BACKEND,
+        type=backend_spec,
+        metavar="BACKEND",
+        help="planner: embedded (default: the shipped policy, trained on phantoms; --checkpoint), "
+        "openai:MODEL@URL or openai (--base-url, --model), transformers:PATH or transformers (--model PATH), "
+        "expert (phantom cases; uploads use the scripted demo), demo (scripted, not a model)",
+    )
+    p.add_argument(
+        "--constrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode under the turn grammar, so every model turn parses: on by default for local models "
+        "(embedded, transformers; --no-constrained turns it off); for openai endpoints only when given "
+        "(it sends the grammar as vLLM's extra_body structured_outputs)",
     )
     p.add_argument("--model", default=None, help="openai: model name; transformers: model folder")
     p.add_argument(
@@ -91,6 +124,8 @@ def _print_event(event: dict[str, Any], out: Path, step: list[int]) -> None:
         print(f"    -> {event['name']}{flag}: {event['text']}" + (f"  [saved {', '.join(saved)}]" if saved else ""))
     elif kind in ("format_error", "error", "budget"):
         print(f"    !! {event['content']}")
+    elif kind == "note":
+        print(event["content"])
     elif kind == "result":
         line = "ANSWER: " + (event.get("answer") or "(none)")
         rel = event.get("reliability")
@@ -161,7 +196,8 @@ def cmd_web(args: argparse.Namespace) -> int:
     ctx = _context(args, args.backend)
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     url = f"http://{args.host}:{args.port}/" + ("?token=YOUR_TOKEN  (once; the page keeps it)" if token else "")
-    print(f"medgym web on {url}  (db {args.db}, data {data}, backend {args.backend})")
+    grammar = "constrained" if constrained_default(args.constrained, args.backend) else "unconstrained"
+    print(f"medgym web on {url}  (db {args.db}, data {data}, backend {args.backend}, {grammar})")
     serve(args.host, args.port, args.db, data, ctx, allowed_hosts=hosts, token=token)
     return 0
 
@@ -172,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = _checked_token(args, "serve")
     try:
-        policy = make_policy(args.policy, device=args.device)
+        policy = make_policy(args.policy, device=args.device, constrained=args.constrained)
         check_servable(policy)
     except BackendUnavailable as exc:
         raise SystemExit(f"medgym serve: {exc}") from None
@@ -235,5 +271,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--device", default=None, help="transformers/embedded: torch device (default: cuda if present, embedded: cpu)"
+    )
+    s.add_argument(
+        "--constrained",
+        action="store_true",
+        help="decode the served model under the turn grammar, so every turn it serves parses (off by default)",
     )
     s.set_defaults(func=cmd_serve)

@@ -7,6 +7,10 @@ and ask a follow-up with the same thread id.
 
 :meth:`ChatAgent.ask` streams the run as events (one per message: the model's turn, each tool
 result, format errors, the final result), which the terminal chat prints and the web page shows.
+
+Out of domain: the embedded policy is trained on phantoms. When it answers about an upload (a real
+image: a DICOM, a photo, any user file), the run ends with a ``note`` event saying so, after the
+result: the user reads it with the answer; the model's own turns and the trace stay as they were.
 """
 
 from __future__ import annotations
@@ -22,12 +26,31 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
+from medgym.agents.backends import EmbeddedBackend, parse_spec
 from medgym.agents.graph import AgentContext, build_graph, recursion_limit
 
 log = logging.getLogger(__name__)
 
 ERR_UNKNOWN_THREAD = "Unknown session {id!r}: start a session by asking a question about an image."
 ERR_NEEDS_STUDY = "A new session needs an image: upload one (or name a phantom case) with the first question."
+OUT_OF_DOMAIN_NOTE = (
+    "Note: the embedded policy is trained on phantoms, not on real images like this one; treat its answer as a "
+    "demonstration. For real images connect a served model with --backend openai:MODEL@URL."
+)
+
+
+def is_embedded(backend: Any) -> bool:
+    """Whether a context's backend (a spec or a policy) is the project's own embedded policy."""
+    if isinstance(backend, str):
+        return parse_spec(backend)[0] in ("embedded", "embedded-sft")
+    return isinstance(backend, EmbeddedBackend)
+
+
+def out_of_domain_note(study: dict[str, Any] | None, backend: Any) -> str | None:
+    """The note the user gets with an answer the embedded policy gave about an upload (None: no note)."""
+    if (study or {}).get("kind") == "upload" and is_embedded(backend):
+        return OUT_OF_DOMAIN_NOTE
+    return None
 
 
 class SessionError(ValueError):
@@ -95,7 +118,9 @@ class ChatAgent:
         """Run one question; yield each new message as it is made, then ``{"kind": "done", ...}``.
 
         ``study`` starts a new session (ignored when the session has one); ``overrides`` change
-        this run's context (``backend=``, ``temperature=``, ``reliability_n=`` ...).
+        this run's context (``backend=``, ``temperature=``, ``reliability_n=`` ...). The embedded
+        policy's runs on an upload end with a ``note`` event (:data:`OUT_OF_DOMAIN_NOTE`), saved in the
+        session after the result; ``done`` carries it as ``note``.
         """
         context = replace(self.context, **overrides) if overrides else self.context
         with self._lock(thread_id):  # one run at a time per session: its steps must not interleave
@@ -110,6 +135,12 @@ class ChatAgent:
                 for node, update in chunk.items():
                     for message in (update or {}).get("messages", []) or []:
                         yield {"node": node, **message}
+            note = out_of_domain_note(existing.get("study") or study, context.backend)
+            if note is not None:
+                # saved as a message for the user (an event: never shown to the model, never in the trace)
+                event = {"role": "event", "kind": "note", "content": note, "images": []}
+                self.graph.update_state(config, {"messages": [event]}, as_node="finish")
+                yield {"node": "finish", **event}
             final = self.state(thread_id)
         yield {
             "kind": "done",
@@ -118,6 +149,7 @@ class ChatAgent:
             "box": final.get("box"),
             "overlay": final.get("overlay"),
             "reliability": final.get("reliability"),
+            "note": note,
             "thread_id": thread_id,
         }
 

@@ -295,21 +295,25 @@ class GuardedApp(FastAPI):
 def create_app(
     db: str | Path,
     data_dir: str | Path,
-    backend: str = "expert",
+    backend: str = "embedded",
     context: AgentContext | None = None,
     *,
+    constrained: bool = True,
     allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
     token: str | None = None,
 ) -> FastAPI:
     """The web app over a ChatAgent on ``db``; images and uploads under ``data_dir``.
 
+    Without a ``context``, sessions run ``backend`` (a policy spec, see :mod:`medgym.agents.backends`):
+    by default the embedded policy, decoded under the turn grammar (``constrained``), whose answers
+    about uploads come with a note that it is trained on phantoms (:mod:`medgym.agents.session`).
     With ``backend="expert"``, phantom sessions follow the case's expert trace and upload sessions
     use the scripted demo (uploads have no expert trace); every step says which one ran.
     ``allowed_hosts``: the names (any port) the ``Host`` header may carry, ``"*"`` for any;
     ``token``: when set, every ``/api/`` call needs it (see :class:`RequestGuard`).
     """
     check_token(token)
-    context = context or AgentContext(backend=backend)
+    context = context or AgentContext(backend=backend, backend_options={"constrained": constrained})
     context.data_dir = str(data_dir)
     agent = ChatAgent(db, context)
 

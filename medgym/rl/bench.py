@@ -38,21 +38,35 @@ def run_bench(
     tool_mode: str = "predicted",
     constrained: bool = False,
     compare: list[tuple[str, str]] | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The expert and each named checkpoint on cases ``seed .. seed + n - 1`` (threshold segmenter).
 
     ``compare`` names pairs (A, B): each gets the paired bootstrap 95 % interval of A - B in accuracy
-    and answer-box IoU (default: every checkpoint against the first one).
+    and answer-box IoU (default: every checkpoint against the first one). ``previous``, an earlier
+    bench on the same cases and settings, lends the results (and per-case rows) of the policies it
+    ran under the same name and checkpoint, so a new checkpoint is compared without re-running the others.
     """
     from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.evaluate import evaluate
     from medgym.environments.policies import ExpertPolicy
     from medgym.rl.runs import resolve_checkpoint
 
-    policies: dict[str, Any] = {"expert": ExpertPolicy(tool_mode=tool_mode)}
-    for name, path in checkpoints.items():
-        policies[name] = EmbeddedBackend(resolve_checkpoint(path), constrained=constrained)
+    settings = {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "constrained": constrained}
+    paths = {"expert": "expert", **{name: str(resolve_checkpoint(path)) for name, path in checkpoints.items()}}
     out, cases = {}, {}
+    if previous and all(previous.get(k) == v for k, v in settings.items()):
+        for name, path in paths.items():
+            if previous.get("paths", {}).get(name) == path and name in previous.get("cases", {}):
+                out[name], cases[name] = previous["results"][name], previous["cases"][name]
+    policies: dict[str, Any] = {}
+    for name, path in paths.items():
+        if name in out:
+            continue
+        if name == "expert":
+            policies[name] = ExpertPolicy(tool_mode=tool_mode)
+        else:
+            policies[name] = EmbeddedBackend(path, constrained=constrained)
     for name, policy in policies.items():
         t0 = time.perf_counter()
         cases[name] = []
@@ -80,14 +94,13 @@ def run_bench(
             [c["box_iou"] or 0.0 for c in cases[a]], [c["box_iou"] or 0.0 for c in cases[b]], seed=1
         )
         differences[f"{a} - {b}"] = {"accuracy": acc, "answer_box_iou": iou}
+    order = list(paths)
     return {
-        "n": n,
-        "seed": seed,
-        "source": source,
-        "tool_mode": tool_mode,
-        "constrained": constrained,
-        "results": out,
+        **settings,
+        "paths": paths,
+        "results": {k: out[k] for k in order},
         "differences": differences,
+        "cases": {k: cases[k] for k in order},
     }
 
 

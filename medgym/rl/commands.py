@@ -87,13 +87,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tool_mode=args.tool_mode,
         constrained=args.constrained,
         compare=pairs or None,
+        previous=json.loads(Path(args.reuse).read_text()) if args.reuse else None,
     )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
         (out / "bench.md").write_text(bench_table(bench) + "\n")
-    print(json.dumps(bench, indent=1))
+    print(json.dumps({k: v for k, v in bench.items() if k != "cases"}, indent=1))  # per-case rows: bench.json
     print(bench_table(bench))
     return 0
 
@@ -109,7 +110,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         tool_mode=args.tool_mode,
     )
-    keys = ("html", "png", "tool_mode", "before", "after", "seconds")
+    keys = ("html", "png", "tool_mode", "before", "after", "note", "seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=1, default=str))
     return 0
 
@@ -141,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="paired bootstrap 95%% interval of A - B (repeatable; default: each checkpoint against the first)",
     )
     b.add_argument("--constrained", action="store_true", help="decode the checkpoints' turns under the turn grammar")
+    b.add_argument(
+        "--reuse", metavar="BENCH_JSON", help="take policies already run there (same cases, settings, checkpoint)"
+    )
     add_tool_mode_option(b, "tools of every policy (the shipped embedded policy was trained on oracle prompts)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -150,10 +154,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-eval", type=int, default=12, help="held-out phantom cases per evaluation")
     q.add_argument("--grpo-steps", type=int, default=4, help="GRPO steps of the continuation")
     q.add_argument("--checkpoint", default="embedded", help="starting checkpoint (default: the shipped one)")
-    add_tool_mode_option(
-        q,
-        "oracle by default: the shipped policy was trained on oracle prompts (an upper bound, labelled as such)",
-        default="oracle",
-    )
+    add_tool_mode_option(q, "predicted by default: the shipped policy is trained with predicted-mode tools")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)

@@ -8,9 +8,15 @@ them; the tool-use bonus gets ``tool_calls_ok`` from the bridge, counting only c
 results the model actually saw (TRL drops a tool result that would overflow
 ``max_completion_length``; such a call earns nothing).
 
-:class:`MedGymGRPOTrainer` fixes two TRL 1.16 bugs and times rollouts by overriding private
-methods of ``GRPOTrainer`` (``_tokenize_prompts``, ``_generate``, ``_get_train_sampler``); that is
-why ``pyproject.toml`` pins ``trl`` to the minor version tested. Everything else is TRL's own trainer.
+:class:`MedGymGRPOTrainer` fixes TRL 1.16 bugs, times rollouts, decodes under a grammar and
+shares the prompt prefix by overriding private methods of ``GRPOTrainer``: ``_tokenize_prompts``
+(image fields as tensors), ``_get_train_sampler`` (epoch-seeded order), ``_generate`` (timing),
+``_generate_single_turn`` (constrained decoding; only the multimodal fields ``generate`` takes,
+Gemma 3's ``num_crops`` and Idefics3's token types dropped), ``__init__`` (the model's own image
+token marks tool-image token types: Gemma 3's ``<image_soft_token>``), ``_generate_and_score_completions``
+(Idefics3's tool-image pixels grouped by rollout) and ``_get_per_token_logps_and_entropies``
+(shared-prefix log-probs); that is why ``pyproject.toml`` pins ``trl`` to the minor version tested.
+Everything else is TRL's own trainer.
 """
 
 from __future__ import annotations
@@ -67,6 +73,14 @@ class MedGymGRPOTrainer(GRPOTrainer):
     tensors here is what the non-environment path already returns.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # TRL finds image placeholders by ``<|image_pad|>`` / ``<|image|>`` only; Gemma 3's is
+        # ``<image_soft_token>``. The model's own id marks tool-image tokens (token type 1).
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if self._is_vlm and image_id is not None:
+            self._image_pad_token_id = image_id
+
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, fields = super()._tokenize_prompts(prompts)
         for key in IMAGE_FIELDS:
@@ -94,7 +108,17 @@ class MedGymGRPOTrainer(GRPOTrainer):
         schemas or an answer in the env's format, and ends the turn where the grammar is complete,
         so no rollout wastes its token budget on text that cannot parse. TRL's own ``generate`` call
         gets the logits processor through the unwrapped model for the length of this turn.
+
+        Either way, ``generate`` gets only the multimodal fields the model takes (TRL passes Gemma 3's
+        ``num_crops``, which ``generate`` rejects), and TRL builds tool-image token types only under
+        the key the model takes (``mm_token_type_ids`` with ``image_grid_thw``, else ``token_type_ids``,
+        which Idefics3 rejects).
         """
+        inner = self.accelerator.unwrap_model(self.model)
+        accepted = generate_kwargs(inner)
+        multimodal_fields = {k: v for k, v in multimodal_fields.items() if k in accepted}
+        typed = "mm_token_type_ids" if "image_grid_thw" in multimodal_fields else "token_type_ids"
+        has_tool_images = has_tool_images and typed in accepted
         if not getattr(self.args, "constrained", False) or self.use_vllm:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -103,7 +127,6 @@ class MedGymGRPOTrainer(GRPOTrainer):
 
         from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
 
-        inner = self.accelerator.unwrap_model(self.model)
         budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
         stops = stop_ids(self._tokenizer, self.generation_config)
         grammar = constrained_logits_processor(
@@ -120,6 +143,21 @@ class MedGymGRPOTrainer(GRPOTrainer):
             )
         finally:
             del inner.generate
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's rollouts and scores, with Idefics3's pictures grouped by rollout after a tool image.
+
+        After a tool image TRL runs the image processor on all pictures as one flat list; Idefics3's
+        returns ``pixel_values`` (1, n_images, ...), which TRL's shuffle indexes by rollout. Regrouped
+        to (rollouts, most images, ...), zero-padded as Idefics3's processor pads a batch.
+        """
+        out = super()._generate_and_score_completions(inputs)
+        pixels, counts = out.get("pixel_values"), out.get("num_images")
+        if pixels is not None and pixels.ndim == 5 and counts is not None and pixels.size(0) != len(counts):
+            for key in ("pixel_values", "pixel_attention_mask"):
+                if out.get(key) is not None:
+                    out[key] = group_by_rollout(out[key].flatten(0, 1), counts)
+        return out
 
     @functools.cached_property
     def tools_schemas(self) -> list[dict[str, Any]]:
@@ -190,6 +228,27 @@ SHARED_PREFIX_UNSUPPORTED = (
     "image_position_ids",
 )
 MIN_SHARED_PREFIX = 32
+
+
+def generate_kwargs(model) -> set[str]:
+    """The keyword arguments ``model.generate`` accepts (its own check: ``_validate_model_kwargs``)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model's
+    accepted = set(inspect.signature(base.prepare_inputs_for_generation).parameters)
+    if accepted & {"kwargs", "model_kwargs"}:
+        accepted |= set(inspect.signature(base.forward).parameters)
+    return accepted
+
+
+def group_by_rollout(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-picture rows (n_images, ...) as (rollouts, most images, ...), each rollout's zero-padded."""
+    grouped = flat.new_zeros((len(counts), max(counts, default=0), *flat.shape[1:]))
+    start = 0
+    for row, n in enumerate(counts):
+        grouped[row, :n] = flat[start : start + n]
+        start += n
+    return grouped
 
 
 def rollout_rows(

@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
-    """``embedded`` names the shipped checkpoint; anything else is a folder (a run folder means its ``final``)."""
-    from medgym.rl.policy_model import checkpoint_dir
+    """``embedded`` and ``embedded-sft`` name the shipped checkpoints; anything else is a folder (a run folder means its ``final``)."""
+    from medgym.agents.backends import SHIPPED_CHECKPOINTS, embedded_path
 
-    if str(spec) == "embedded":
-        return checkpoint_dir()
+    if str(spec) in SHIPPED_CHECKPOINTS:
+        return embedded_path(str(spec))
     path = Path(spec)
     if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
         return path / "final"

@@ -183,3 +183,52 @@ def test_chat_streams_each_step_as_it_happens(tmp_path):
     # each model turn sleeps 0.8 s: the events before it arrived that much earlier than those after it
     assert arrivals["question"] < arrivals["turn"] < arrivals["tool"] < arrivals["result"]
     assert arrivals["turn"] - arrivals["question"] >= 0.7 and arrivals["result"] - arrivals["tool"] >= 0.7
+
+
+# The default backend: the embedded policy, constrained; an honest note on uploads ------------------------
+
+
+def test_the_default_app_runs_the_embedded_policy_under_the_grammar(tmp_path):
+    app = web.create_app(tmp_path / "c.sqlite", tmp_path / "data")
+    context = app.state.agent.context
+    assert context.backend == "embedded" and context.backend_options == {"constrained": True}
+
+
+def test_the_note_is_for_the_embedded_policy_on_uploads_only():
+    from medgym.agents.backends import DemoBackend
+    from medgym.agents.session import OUT_OF_DOMAIN_NOTE, out_of_domain_note
+
+    upload_ref, phantom_ref = {"kind": "upload", "id": "0" * 32}, {"kind": "phantom", "seed": 1}
+    for spec in ("embedded", "embedded-sft", "embedded:/some/checkpoint"):
+        assert out_of_domain_note(upload_ref, spec) == OUT_OF_DOMAIN_NOTE
+        assert out_of_domain_note(phantom_ref, spec) is None
+    for other in ("demo", "expert", "openai:qwen@http://127.0.0.1:8000/v1", DemoBackend()):
+        assert out_of_domain_note(upload_ref, other) is None
+    assert "--backend openai:MODEL@URL" in OUT_OF_DOMAIN_NOTE
+
+
+@pytest.mark.slow
+def test_an_upload_gets_the_out_of_domain_note_and_the_model_turn_stays_raw(tmp_path):
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.agents.session import OUT_OF_DOMAIN_NOTE
+    from medgym.environments.parsing import parse_action
+
+    backend = EmbeddedBackend(constrained=True)
+    context = AgentContext(backend=backend, max_steps=1, segmenter="threshold")
+    app = web.create_app(tmp_path / "c.sqlite", tmp_path / "data", context=context)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        info = upload(client, open(get_testdata_file("CT_small.dcm"), "rb").read(), "ct.dcm").json()
+        evs = events(client.post("/api/chat", json={"upload_id": info["upload_id"], "question": "Is there a lesion?"}))
+        kinds = [e["kind"] for e in evs]
+        assert kinds[-3:] == ["result", "note", "done"] and "format_error" not in kinds
+        assert evs[-2]["content"] == OUT_OF_DOMAIN_NOTE and evs[-1]["note"] == OUT_OF_DOMAIN_NOTE
+        (turn,) = [e for e in evs if e["kind"] == "turn"]
+        assert parse_action(turn["content"]).error is None and OUT_OF_DOMAIN_NOTE not in turn["content"]
+        # saved: the history shows it after the result; the trace keeps the model's turn as it was
+        history = client.get(f"/api/sessions/{evs[0]['session_id']}").json()["messages"]
+        assert [m["kind"] for m in history][-2:] == ["result", "note"]
+        trace = (tmp_path / "data" / "traces.jsonl").read_text()
+        assert OUT_OF_DOMAIN_NOTE not in trace and json.dumps(turn["content"])[1:-1] in trace
+        # a phantom case is the policy's own domain: no note
+        evs = events(client.post("/api/chat", json={"case_seed": 2, "question": ""}))
+        assert "note" not in [e["kind"] for e in evs] and evs[-1]["note"] is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medgym.agents.local_server import free_port, spawn_web, stop_web
@@ -78,6 +79,49 @@ def test_upload_ask_stream_overlay_and_history_after_restart(tmp_path, chromium)
             expect(page.locator(".msg.result")).to_have_count(2, timeout=60_000)
             expect(page.locator(".msg.question")).to_have_count(2)
             page.screenshot(path=str(REPO / "artifacts" / "web_chat_after_restart.png"), full_page=True)
+            browser.close()
+        assert not problems, problems
+    finally:
+        stop_web(proc)
+
+
+@pytest.mark.slow
+def test_a_real_dicom_with_the_default_backend_gets_a_parsed_answer_and_the_out_of_domain_note(tmp_path, chromium):
+    """The default web chat (the embedded policy, constrained) on a real CT slice: an answer, no format
+    error, and the note that the policy is trained on phantoms, shown with the answer and after a reload."""
+    from playwright.sync_api import expect, sync_playwright
+    from pydicom.data import get_testdata_file
+
+    from medgym.agents.commands import DEFAULT_BACKEND
+    from medgym.agents.session import OUT_OF_DOMAIN_NOTE
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    problems: list[str] = []
+    proc = spawn_web(port, tmp_path, backend=DEFAULT_BACKEND, token=TOKEN)  # constrained: the default
+    try:
+        with sync_playwright() as pw:
+            browser = chromium(pw)
+            page = browser.new_page(viewport={"width": 1100, "height": 1400})
+            page.goto(f"{url}?token={TOKEN}")
+            watch_console(page, problems)
+            page.set_input_files("#file", get_testdata_file("CT_small.dcm"))
+            expect(page.locator("#preview")).to_be_visible(timeout=30_000)
+            page.fill("#question", "Is there a lesion? If so, how large is it in mm?")
+            page.click("#ask")
+            # up to 8 turns of the policy on a busy CPU; a failed run shows an error instead of a result
+            expect(page.locator(".msg.result, .msg.error").first).to_be_visible(timeout=400_000)
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").all_inner_texts()
+            result = page.locator(".msg.result")
+            expect(result.locator(".note-for-user")).to_have_text(OUT_OF_DOMAIN_NOTE, timeout=20_000)
+            assert page.locator(".msg.format_error").count() == 0
+            turns = page.locator(".msg.turn")
+            assert turns.count() >= 1 and "embedded" in turns.first.inner_text().lower()
+            assert all(OUT_OF_DOMAIN_NOTE not in t for t in turns.all_inner_texts())  # the model's turns stay raw
+            (REPO / "artifacts").mkdir(exist_ok=True)
+            page.screenshot(path=str(REPO / "artifacts" / "web_chat_dicom_default.png"), full_page=True)
+            page.reload()  # the history from the server shows the note with the answer again
+            expect(page.locator(".msg.result .note-for-user")).to_have_text(OUT_OF_DOMAIN_NOTE, timeout=20_000)
             browser.close()
         assert not problems, problems
     finally:

@@ -41,6 +41,13 @@ const LABELS = { question: "question", turn: "model turn", tool: "tool", format_
 
 function render(ev) {
   if (!ev || !ev.kind || ev.kind === "done" || ev.kind === "session") return;
+  if (ev.kind === "note") {
+    // a note for the user about the answer just shown (e.g. the embedded policy on a real image)
+    const results = document.querySelectorAll("#conversation .msg.result");
+    const target = results.length ? results[results.length - 1] : $("conversation");
+    target.appendChild(el("div", "note-for-user", ev.content));
+    return;
+  }
   const box = el("div", "msg " + ev.kind + (ev.error ? " failed" : ""));
   box.dataset.kind = ev.kind;
   let label = LABELS[ev.kind] || ev.kind;
