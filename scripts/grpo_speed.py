@@ -36,6 +36,11 @@ class StepTimes(TrainerCallback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.started = 0.0
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "timing/rollout_seconds" in logs:
+            self.logs.append(dict(logs))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
@@ -77,9 +82,9 @@ def run_variant(name: str, steps: int, init: str, first_seed: int) -> dict:
         timer = StepTimes()
         trainer = make_trainer(model, processor, dataset, cfg, [timer])
         trainer.train()
-        metrics = trainer._metrics["train"]
-        rollout = metrics.get("timing/rollout_seconds", [])
-        tools = metrics.get("timing/tool_seconds", [])
+        rollout = [float(r["timing/rollout_seconds"]) for r in timer.logs]
+        tools = [float(r["timing/tool_seconds"]) for r in timer.logs]
+        lengths = [float(r.get("completions/mean_length", 0)) for r in timer.logs]
         return {
             "settings": settings,
             "step_seconds": [round(s, 2) for s in timer.seconds],
@@ -87,7 +92,7 @@ def run_variant(name: str, steps: int, init: str, first_seed: int) -> dict:
             "rollout_seconds": round(sum(rollout) / max(len(rollout), 1), 2),
             "tool_seconds": round(sum(tools) / max(len(tools), 1), 3),
             "tool_share_of_rollout": round(sum(tools) / sum(rollout), 4) if sum(rollout) else None,
-            "mean_completion_tokens": round(statistics.mean(metrics.get("completions/mean_length", [0])), 1),
+            "mean_completion_tokens": round(statistics.mean(lengths or [0]), 1),
         }
 
 
