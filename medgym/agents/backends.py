@@ -46,7 +46,7 @@ from PIL import Image
 
 from medgym import CHECKPOINTS_DIR, EMBEDDED_POLICY_DIR
 from medgym.environments.case import Case, ToolCall
-from medgym.environments.contract import DEFAULT_TOOL_MODE, Message, tool_schemas
+from medgym.environments.contract import DEFAULT_TOOL_MODE, LAST_TURN_KIND, Message, tool_schemas
 from medgym.environments.parsing import parse_action
 from medgym.environments.policies import ExpertPolicy, Policy, turn_index
 
@@ -428,8 +428,11 @@ class TransformersBackend:
             tokenize=False,
         )
 
-    def grammar_options(self) -> dict[str, Any]:
-        """``generate`` options that decode one turn under the turn grammar (a fresh processor each call)."""
+    def grammar_options(self, answer_only: bool = False) -> dict[str, Any]:
+        """``generate`` options that decode one turn under the turn grammar (a fresh processor each call).
+
+        ``answer_only``: the loop's last turn (:data:`~medgym.environments.contract.LAST_TURN_KIND`): no tool call is admitted.
+        """
         from transformers import LogitsProcessorList
 
         from medgym.agents.constrained import constrained_logits_processor, stop_ids
@@ -437,7 +440,7 @@ class TransformersBackend:
         stops = stop_ids(self.processor.tokenizer, self.model.generation_config)
         grammar = constrained_logits_processor(
             self.processor.tokenizer,
-            self.tool_list(),
+            None if answer_only else self.tool_list(),
             limits=self.turn_limits,
             max_new_tokens=self.max_new_tokens,
             stop_token_ids=stops,
@@ -460,7 +463,8 @@ class TransformersBackend:
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
         if self.constrained:
-            sampling.update(self.grammar_options())
+            last = bool(messages) and messages[-1].get("kind") == LAST_TURN_KIND
+            sampling.update(self.grammar_options(answer_only=last))
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
         new = out[0, inputs["input_ids"].shape[1] :]

@@ -55,7 +55,15 @@ from medgym.agents.studies import (
     question_images,
     question_text,
 )
-from medgym.environments.contract import DEFAULT_TOOL_MODE, check_tool_mode, limit_images, system_prompt, tool_messages
+from medgym.environments.contract import (
+    DEFAULT_TOOL_MODE,
+    LAST_TURN_KIND,
+    NOTE_LAST_TURN,
+    check_tool_mode,
+    limit_images,
+    system_prompt,
+    tool_messages,
+)
 from medgym.environments.parsing import parse_action
 from medgym.environments.policies import ERR_EXPERT_NO_CASE
 from medgym.environments.recorder import EpisodeRecorder, RunSettings, open_header
@@ -288,9 +296,10 @@ def planner(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]
     try:
         loaded = load_study(state["study"], ctx.uploads)
         backend = resolve_backend(ctx, loaded)
-        text = backend.next_turn(
-            model_messages(state["messages"], ctx.store, ctx.max_images, ctx.tool_mode), temperature=ctx.temperature
-        )
+        prompt = model_messages(state["messages"], ctx.store, ctx.max_images, ctx.tool_mode)
+        if n == ctx.max_steps and n > 1:  # the budget's last turn: say so (a constrained backend then only answers)
+            prompt.append({"role": "user", "content": NOTE_LAST_TURN, "images": [], "kind": LAST_TURN_KIND})
+        text = backend.next_turn(prompt, temperature=ctx.temperature)
     except (BackendUnavailable, UploadError) as exc:
         return {
             "n_turns": n,

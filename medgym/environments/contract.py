@@ -39,6 +39,9 @@ DEFAULT_TOOL_MODE: ToolMode = "predicted"
 ERR_TOOL_MODE = "unknown tool mode {mode!r}: choose 'predicted' (no tool reads ground truth) or 'oracle' (upper bound)."
 NOTE_IMAGES_DROPPED = "({n} more image(s) not shown: at most {k} per turn.)"
 NOTE_EARLIER_IMAGES = "\n({n} earlier image(s) not shown again.)"
+# The turn budget's last turn: the loop tells the policy, and a constrained backend admits only an answer.
+LAST_TURN_KIND = "last_turn"
+NOTE_LAST_TURN = "This is your last turn: answer now with <answer>...</answer> from what you have seen."
 
 Message = dict[str, Any]
 
