@@ -35,7 +35,9 @@ def test_yaml_then_overrides():
     assert sft.size == "small" and sft.num_train_epochs == 2 and sft.per_device_train_batch_size == 2
     argv = ["--config", str(CONFIGS / "grpo_embedded.yaml"), "--max_steps", "3", "--train-seeds", "1000", "8"]
     grpo, options = parse_config(GRPOConfig, [*argv, "--resume", "--tool_mode", "oracle"])
-    assert grpo.max_steps == 3 and grpo.train_seeds == [1000, 8] and grpo.stages == ["measurement"]
+    assert grpo.max_steps == 3 and grpo.train_seeds == [1000, 8] and grpo.stages == []
+    assert grpo.constrained and grpo.shared_prefix and grpo.beta == 0.0 and grpo.curve_seeds == [0, 100]
+    assert grpo.reward_weights == [1.0, 0.5, 0.1, 0.2, 1.0]
     assert grpo.tool_mode == "oracle" and options.resume
     default, _ = parse_config(GRPOConfig, [])
     assert default.tool_mode == "predicted"
