@@ -27,7 +27,7 @@ GRPO_PANELS = [
     ("held-out format errors / episode", ("heldout/format_errors_per_episode",)),
     ("tool-call frequency", ("tools/call_frequency",)),
     ("tool failure frequency", ("tools/failure_frequency",)),
-    ("KL to start model", ("kl",)),
+    ("KL to start model (none at beta 0)", ("kl",)),
     ("answer reward (rollouts)", ("rewards/answer/mean",)),
 ]
 SFT_PANELS = [("loss", ("loss",)), ("learning rate", ("learning_rate", "lr"))]
