@@ -71,8 +71,10 @@ def draw_overlay(
     pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     for i, box in enumerate(boxes):
+        x0, x1 = sorted((float(box[0]), float(box[2])))  # a model's box may come reversed or empty
+        y0, y1 = sorted((float(box[1]), float(box[3])))
         draw.rectangle(
-            [box[0], box[1], box[2] - 1, box[3] - 1],
+            [x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)],
             outline=OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)],
             width=2,
         )

@@ -125,3 +125,15 @@ def test_measure_reports_the_long_axis_angle(angle):
     got = r.data["long_axis_angle_deg"]
     assert min(abs(got - angle), 180 - abs(got - angle)) <= 3.0
     assert r.data["longest_diameter_mm"] == pytest.approx(120, abs=2)
+
+
+def test_overlay_draws_reversed_and_empty_model_boxes():
+    """A model's answer box may be reversed or empty ([773, 100, 90, 94] was seen): drawing must not crash."""
+    import numpy as np
+
+    from medgym.tools.imaging import draw_overlay
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    for box in ([773, 100, 90, 94], [10, 10, 10, 10], [40, 40, 20, 20]):
+        assert draw_overlay(img, boxes=[box]).shape == (64, 64, 3)
+    assert draw_overlay(img, boxes=[[40, 40, 20, 20]])[20:40, 20].any()  # the reversed box is drawn where it lies
