@@ -220,60 +220,54 @@ def _qwen_processor(base, processor_cls: str, video_cls: str, template: str, pat
     )
 
 
-def build_qwen2_vl(base, s: dict[str, int], template: str, seed: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _qwen_vl(base, s: dict[str, int], template: str, name: str, vision: dict[str, Any]):
+    """A Qwen2-VL-family model (``name``: the transformers class prefix) with the shared text side and tokens."""
+    import transformers
 
-    processor = _qwen_processor(base, "Qwen2VLProcessor", "Qwen2VLVideoProcessor", template)
+    processor = _qwen_processor(base, f"{name}Processor", "Qwen2VLVideoProcessor", template)
     tok = processor.tokenizer
     image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    config = Qwen2VLConfig(
+    config = getattr(transformers, f"{name}Config")(
         text_config=_qwen_text(tok, s, _mrope(s["hidden"] // s["heads"])),
-        vision_config={
-            "depth": s["v_depth"],
-            "embed_dim": s["v_hidden"],
-            "hidden_size": s["hidden"],  # the merger's output: the text width
-            "num_heads": s["v_heads"],
-            "mlp_ratio": s["v_mlp"] // s["v_hidden"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=image,
         video_token_id=video,
         vision_start_token_id=start,
         vision_end_token_id=end,
         tie_word_embeddings=True,
     )
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="eager"), processor
+    model_cls = getattr(transformers, f"{name}ForConditionalGeneration")
+    return model_cls._from_config(config, attn_implementation="eager"), processor
+
+
+def build_qwen2_vl(base, s: dict[str, int], template: str, seed: int):
+    vision = {
+        "depth": s["v_depth"],
+        "embed_dim": s["v_hidden"],
+        "hidden_size": s["hidden"],  # the merger's output: the text width
+        "num_heads": s["v_heads"],
+        "mlp_ratio": s["v_mlp"] // s["v_hidden"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    return _qwen_vl(base, s, template, "Qwen2VL", vision)
 
 
 def build_qwen2_5_vl(base, s: dict[str, int], template: str, seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    processor = _qwen_processor(base, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", template)
-    tok = processor.tokenizer
-    image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text(tok, s, _mrope(s["hidden"] // s["heads"])),
-        vision_config={
-            "depth": s["v_depth"],
-            "hidden_size": s["v_hidden"],
-            "intermediate_size": s["v_mlp"],
-            "num_heads": s["v_heads"],
-            "out_hidden_size": s["hidden"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,  # windows of 2 x 2 merged tokens; the last block attends globally
-            "fullatt_block_indexes": [s["v_depth"] - 1],
-        },
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        tie_word_embeddings=True,
-    )
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager"), processor
+    vision = {
+        "depth": s["v_depth"],
+        "hidden_size": s["v_hidden"],
+        "intermediate_size": s["v_mlp"],
+        "num_heads": s["v_heads"],
+        "out_hidden_size": s["hidden"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,  # windows of 2 x 2 merged tokens; the last block attends globally
+        "fullatt_block_indexes": [s["v_depth"] - 1],
+    }
+    return _qwen_vl(base, s, template, "Qwen2_5_VL", vision)
 
 
 def build_qwen3_vl(base, s: dict[str, int], template: str, seed: int):
