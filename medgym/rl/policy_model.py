@@ -108,18 +108,29 @@ def corpus(n_cases: int = 300, seed: int = 10_000, source: Any = None) -> Iterat
 
     The case seeds (10000 and up by default) lie outside the training and held-out ranges.
     """
-    from jinja2 import Template
-
     from medgym.environments.sources import PhantomSource
 
-    template = Template(trl_chat_template())
     tools = tool_schemas()
     yield system_prompt()
     source = source or PhantomSource()
     env = MedGymToolEnv()
     for s in range(seed, seed + n_cases):
         conversation, _ = expert_conversation(source.case(s), env)
-        yield template.render(messages=_text_only(conversation), tools=tools, add_generation_prompt=False)
+        yield render_text(conversation, tools)
+
+
+def render_text(conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """A conversation as the processor's ``apply_chat_template`` renders it, pictures as placeholders.
+
+    Through transformers' own renderer: its ``tojson`` keeps the schemas' key order, as the prompts
+    the model reads do (plain jinja2's sorts keys, which would teach the tokenizer text it never sees).
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        [_text_only(conversation)], tools=tools, chat_template=trl_chat_template(), add_generation_prompt=False
+    )
+    return rendered[0]
 
 
 def _text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

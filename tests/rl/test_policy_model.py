@@ -74,3 +74,19 @@ def test_load_missing_checkpoint_says_how_to_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="medgym train sft"):
         load(tmp_path)
+
+
+def test_tokenizer_corpus_is_the_text_the_model_reads(tiny_processor, tiny_source):
+    """The corpus renders conversations as ``apply_chat_template`` does (tool schemas in their own key order)."""
+    from medgym.environments.contract import tool_schemas
+    from medgym.rl.bridge import MedGymToolEnv
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.policy_model import render_text
+
+    conversation, _ = expert_conversation(tiny_source.case(3), MedGymToolEnv())
+    text = render_text(conversation, tool_schemas())
+    assert text == tiny_processor.apply_chat_template(conversation, tools=tool_schemas(), tokenize=False)
+    assert '{"type": "function", "function": {"name": ' in text  # not jinja2's sorted keys
+    # A tokenizer trained on that text reads the static part of the prompt in few tokens.
+    system = render_text(conversation[:1], tool_schemas())
+    assert len(tiny_processor.tokenizer(system)["input_ids"]) < len(system) / 16  # ~1/32; ~1/9 from sorted keys
