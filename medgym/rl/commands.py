@@ -145,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--reuse", metavar="BENCH_JSON", help="take policies already run there (same cases, settings, checkpoint)"
     )
-    add_tool_mode_option(b, "tools of every policy (the shipped embedded policy was trained on oracle prompts)")
+    add_tool_mode_option(b, "tools of every policy (the shipped policies were trained on predicted-mode tools)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

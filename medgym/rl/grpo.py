@@ -132,7 +132,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
         grammar = constrained_logits_processor(
             self._tokenizer,
             self.tools_schemas,
-            limits=dataclasses.replace(TurnLimits.for_budget(budget), thought_chars=0),  # as the SFT turns start
+            limits=dataclasses.replace(TurnLimits.for_budget(budget), **ROLLOUT_LIMITS),
             max_new_tokens=budget,
             stop_token_ids=stops,
         )
@@ -217,6 +217,12 @@ class MedGymGRPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
 
+
+# Free text a rollout turn may hold under ``constrained``: no thoughts (the SFT turns have none), answers and
+# string arguments a little longer than the expert's (answers under 40 characters, look-up queries ~50).
+# Sampled at temperature 1, a policy that may write 200-character strings fills them with loops
+# ("agagag...") that cost tokens and teach nothing.
+ROLLOUT_LIMITS = {"thought_chars": 0, "answer_chars": 64, "string_chars": 80}
 
 # Multimodal fields of other architectures (tiles, patches, Gemma's token types): TRL's own pass handles them.
 SHARED_PREFIX_UNSUPPORTED = (
