@@ -245,3 +245,38 @@ def test_held_out_curve_logs_points_before_and_during_training(trainer_parts, tm
         assert "heldout/grounding_iou" in point and "heldout/format_errors_per_episode" in point
     assert [r["step"] for r in metrics.rows()] == [0, 1]
     assert metrics.plot(GRPO_PANELS, "grpo.png").stat().st_size > 10_000
+
+
+def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_parts, tmp_path):
+    """Under ``constrained`` every rollout turn is tool calls or an answer, its free text within ROLLOUT_LIMITS."""
+    import json
+
+    from medgym.environments.parsing import completion_text, parse_action
+    from medgym.rl.grpo import ROLLOUT_LIMITS, make_trainer
+
+    model, processor, dataset = trainer_parts
+    trainer = make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, constrained=True))
+    seen: list = []
+    score = trainer.reward_funcs[0]
+
+    def keep(completions, **kwargs):
+        seen.extend(completions)
+        return score(completions, **kwargs)
+
+    keep.__name__ = score.__name__
+    trainer.reward_funcs[0] = keep
+    trainer.train()
+
+    assert len(seen) == 4
+    turns = [m for c in seen for m in c if m.get("role") == "assistant"]
+    assert len(turns) > len(seen), "no rollout called a tool"
+    for turn in turns:
+        text = completion_text([turn])
+        action = parse_action(text)
+        calls = turn.get("tool_calls") or []
+        if action.answer is not None:
+            assert len(action.answer) <= ROLLOUT_LIMITS["answer_chars"]
+        for call in calls:
+            strings = [v for v in json.loads(json.dumps(call["function"]["arguments"])).values() if isinstance(v, str)]
+            assert all(len(s) <= ROLLOUT_LIMITS["string_chars"] for s in strings), call
+        assert not text.split("<")[0].strip(), f"thought text before the call or answer: {text!r}"
