@@ -207,9 +207,16 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "(Qwen3-VL policies; others fall back to TRL's batched forward).",
         default=True,
     )
+    tool_failure_weight: float = _help(
+        "Weight of a GRPO-only reward term: minus the share of a rollout's tool calls that failed "
+        "(bad arguments, unknown masks). 0: off. Logged as rewards/tool_failure.",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
         self.check_medgym()
+        if self.tool_failure_weight < 0:
+            raise ValueError("tool_failure_weight must be >= 0 (it weighs a penalty)")
         if self.max_steps <= 0 or self.learning_rate <= 0:
             raise ValueError("max_steps and learning_rate must be positive")
         if self.num_generations is None or self.num_generations < 2:

@@ -375,6 +375,26 @@ class MedGymReward:
         return REWARD_FUNCS[self.name](completions, **kwargs)
 
 
+class ToolFailurePenalty:
+    """Minus the share of a rollout's tool calls that failed (0.0 with no calls), from the rollouts' bridges.
+
+    A GRPO-only term (``tool_failure_weight``), not one of the env's rewards: a call with arguments the
+    tool rejects teaches nothing and costs a turn, and without it a policy sampling at temperature
+    drifts into ever longer malformed calls that no other term tells apart.
+    """
+
+    __name__ = "tool_failure"
+
+    def __call__(self, completions: list[Any], environments: list[MedGymToolEnv] | None = None, **kwargs: Any):
+        if environments is None:
+            return [0.0] * len(completions)
+        out = []
+        for env, completion in zip(environments, completions, strict=True):
+            seen = env.calls[: tool_turns(completion)]
+            out.append(-sum(not c.ok for c in seen) / len(seen) if seen else 0.0)
+        return out
+
+
 def reward_functions(names: list[str] | None = None) -> tuple[list[MedGymReward], list[float]]:
     names = names or list(REWARD_FUNCS)
     return [MedGymReward(n) for n in names], [float(REWARD_WEIGHTS[n]) for n in names]
@@ -448,6 +468,9 @@ def make_trainer(
         funcs
     ):  # the config's, in REWARD_FUNCS order
         weights = [float(w) for w in args.reward_weights]
+    if args.tool_failure_weight > 0:
+        funcs.append(ToolFailurePenalty())
+        weights.append(float(args.tool_failure_weight))
     for func, weight in extra_rewards or []:
         funcs.append(func)
         weights.append(float(weight))
@@ -466,6 +489,7 @@ def make_trainer(
 __all__ = [
     "MedGymGRPOTrainer",
     "MedGymReward",
+    "ToolFailurePenalty",
     "build_dataset",
     "case_row",
     "make_trainer",

@@ -73,6 +73,32 @@ def test_rewards_count_only_tool_results_the_model_saw():
         MedGymReward("bogus")
 
 
+def test_tool_failure_penalty_is_the_share_of_seen_calls_that_failed(trainer_parts, tmp_path):
+    from medgym.rl.bridge import CallRecord, MedGymToolEnv
+    from medgym.rl.grpo import ToolFailurePenalty, make_trainer
+
+    env = MedGymToolEnv()
+    env.calls = [
+        CallRecord("segment", {}, "1", "mask_1: ..."),
+        CallRecord("measure", {}, "3", "Error: invalid arguments", error=True),
+        CallRecord("zoom", {}, "1", "Error: box is empty", error=True),
+    ]
+    call, result = {"role": "assistant", "content": "", "tool_calls": [{}]}, {"role": "tool", "content": "x"}
+    answer = {"role": "assistant", "content": "<answer>yes</answer>"}
+    two_seen = [call, result, call, result, answer]  # the third call's result was rolled back: not counted
+    penalty = ToolFailurePenalty()
+    assert penalty([two_seen, [answer]], environments=[env, env]) == [-0.5, 0.0]
+    assert penalty([two_seen]) == [0.0]  # no environments: nothing to judge
+
+    model, processor, dataset = trainer_parts
+    off = make_trainer(model, processor, dataset, _args(tmp_path))
+    on = make_trainer(model, processor, dataset, _args(tmp_path, tool_failure_weight=0.3))
+    assert "tool_failure" not in [f.__name__ for f in off.reward_funcs]
+    assert on.reward_funcs[-1].__name__ == "tool_failure" and float(on.reward_weights[-1]) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="tool_failure_weight"):
+        _args(tmp_path, tool_failure_weight=-1.0)
+
+
 def test_list_image_fields_regression(trainer_parts, tmp_path):
     """TRL 1.16 returns image fields as lists under environment_factory; split_pixel_values_by_grid then crashes.
 
