@@ -196,7 +196,14 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "Stop training when tools/call_frequency stays below this for collapse_patience logged steps (0: off).",
         default=0.0,
     )
-    collapse_patience: int = _help("Logged steps in a row below collapse_floor before stopping.", default=3)
+    collapse_patience: int = _help(
+        "Logged steps in a row below collapse_floor (or above failure_ceiling) before stopping.", default=3
+    )
+    failure_ceiling: float = _help(
+        "Stop training when tools/failed_share (the share of the step's tool calls that failed) stays above "
+        "this for collapse_patience logged steps (0: off).",
+        default=0.0,
+    )
     constrained: bool = _help(
         "Decode every rollout turn under the turn grammar (a tool call matching the tool schemas, or an "
         "answer in the env's format), so every turn parses (xgrammar; transformers generation only).",
@@ -233,8 +240,8 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown {unknown}; choose from {list(STAGES)}")
-        if self.curve_every < 0 or self.collapse_floor < 0:
-            raise ValueError("curve_every and collapse_floor must be >= 0")
+        if self.curve_every < 0 or self.collapse_floor < 0 or not 0 <= self.failure_ceiling <= 1:
+            raise ValueError("curve_every and collapse_floor must be >= 0, failure_ceiling within [0, 1]")
         if self.curve_every:
             c0, cn = self.curve_seeds
             a0, an = self.train_seeds

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ERR_DRIFT = (
+    "tool-call drift: tools/failed_share stayed above failure_ceiling={ceiling} for {n} logged steps "
+    "(last {last:.3f}) at step {step}; training stopped. The policy is writing calls its tools reject: "
+    "lower learning_rate or temperature, raise tool_failure_weight, or continue from an earlier checkpoint-N."
+)
 ERR_COLLAPSE = (
     "tool-call collapse: tools/call_frequency stayed below collapse_floor={floor} for {n} logged steps "
     "(last {last:.3f}) at step {step}; training stopped. Lower learning_rate, raise the tool_use reward "
@@ -89,23 +94,38 @@ class HeldOutCurve(TrainerCallback):
 
 
 class CollapseGuard(TrainerCallback):
-    """Stops training when the tool-call frequency stays below a floor (0: off)."""
+    """Stops training when the tool-call frequency stays below a floor, or the share of failed calls above a
+    ceiling (each 0: off), for ``patience`` logged steps in a row."""
 
-    def __init__(self, floor: float, patience: int = 3):
+    def __init__(self, floor: float, patience: int = 3, failure_ceiling: float = 0.0):
         self.floor = floor
+        self.failure_ceiling = failure_ceiling
         self.patience = max(1, patience)
         self.below = 0
+        self.above = 0
         self.stopped: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        value = (logs or {}).get("tools/call_frequency")
-        if not self.floor or value is None:
-            return
-        self.below = self.below + 1 if value < self.floor else 0
-        if self.below >= self.patience:
-            self.stopped = ERR_COLLAPSE.format(floor=self.floor, n=self.below, last=value, step=state.global_step)
-            log.warning(self.stopped)
-            control.should_training_stop = True
+        logs = logs or {}
+        value, failed = logs.get("tools/call_frequency"), logs.get("tools/failed_share")
+        if self.floor and value is not None:
+            self.below = self.below + 1 if value < self.floor else 0
+            if self.below >= self.patience:
+                self._stop(
+                    control, ERR_COLLAPSE.format(floor=self.floor, n=self.below, last=value, step=state.global_step)
+                )
+        if self.failure_ceiling and failed is not None:
+            self.above = self.above + 1 if failed > self.failure_ceiling else 0
+            if self.above >= self.patience:
+                self._stop(
+                    control,
+                    ERR_DRIFT.format(ceiling=self.failure_ceiling, n=self.above, last=failed, step=state.global_step),
+                )
+
+    def _stop(self, control, message: str) -> None:
+        self.stopped = message
+        log.warning(message)
+        control.should_training_stop = True
 
 
-__all__ = ["ERR_COLLAPSE", "CollapseGuard", "HeldOutCurve", "heldout_row"]
+__all__ = ["ERR_COLLAPSE", "ERR_DRIFT", "CollapseGuard", "HeldOutCurve", "heldout_row"]

@@ -167,7 +167,9 @@ class MedGymGRPOTrainer(GRPOTrainer):
         return tool_schemas()
 
     def _generate(self, prompts: list):
-        """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds`` and their ratio."""
+        """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds``, their ratio, and
+        ``tools/failed_share`` (calls whose tool rejected them; TRL's ``tools/failure_frequency`` counts only
+        calls that raised, and medgym's tools answer bad arguments with an error text instead)."""
         tool_before = _tool_seconds(self.environments)
         t0 = time.perf_counter()
         out = super()._generate(prompts)
@@ -177,6 +179,9 @@ class MedGymGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["timing/rollout_seconds"].append(rollout)
         self._metrics[mode]["timing/tool_seconds"].append(tools)
         self._metrics[mode]["timing/tool_share"].append(tools / rollout if rollout > 0 else 0.0)
+        calls = [c for env in self.environments or [] for c in env.calls]
+        if calls:  # watched by the drift guard (failure_ceiling)
+            self._metrics[mode]["tools/failed_share"].append(sum(not c.ok for c in calls) / len(calls))
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):

@@ -177,6 +177,7 @@ def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
     merged = {k: v for row in logs for k, v in row.items()}
     assert "reward" in merged and "rewards/answer/mean" in merged and merged["tools/call_frequency"] > 0
     assert merged["timing/rollout_seconds"] > 0 and 0 < merged["timing/tool_share"] < 1
+    assert 0.0 <= merged["tools/failed_share"] <= 1.0
     tool_seconds = sum(c.seconds for c in calls)
     assert tool_seconds > 0 and all(c.seconds >= 0 for c in calls)
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
@@ -245,8 +246,24 @@ def test_collapse_guard_stops_training_when_tool_calls_die_out():
     assert control.should_training_stop
     assert "tool-call collapse" in guard.stopped and "step 5" in guard.stopped and "collapse_floor=0.5" in guard.stopped
     off = CollapseGuard(floor=0.0)
-    off.on_log(None, state, TrainerControl(), logs={"tools/call_frequency": 0.0})
+    off.on_log(None, state, TrainerControl(), logs={"tools/call_frequency": 0.0, "tools/failed_share": 1.0})
     assert off.stopped is None
+
+
+def test_drift_guard_stops_training_when_failed_calls_persist():
+    from transformers import TrainerControl, TrainerState
+
+    from medgym.rl.curve import CollapseGuard
+
+    guard, control, state = CollapseGuard(floor=0.0, patience=3, failure_ceiling=0.25), TrainerControl(), TrainerState()
+    for step, share in enumerate([0.1, 0.4, 0.5, 0.2, 0.3, 0.3], start=1):  # two in a row, then a dip: no stop
+        state.global_step = step
+        guard.on_log(None, state, control, logs={"tools/call_frequency": 2.0, "tools/failed_share": share})
+    assert not control.should_training_stop and guard.stopped is None
+    state.global_step = 7
+    guard.on_log(None, state, control, logs={"tools/call_frequency": 2.0, "tools/failed_share": 0.45})
+    assert control.should_training_stop
+    assert "tool-call drift" in guard.stopped and "failure_ceiling=0.25" in guard.stopped and "step 7" in guard.stopped
 
 
 def test_curve_seeds_must_not_overlap_training(tmp_path):
