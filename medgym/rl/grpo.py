@@ -395,8 +395,8 @@ class ToolFailurePenalty:
             return [0.0] * len(completions)
         out = []
         for env, completion in zip(environments, completions, strict=True):
-            seen = env.calls[: tool_turns(completion)]
-            out.append(-sum(not c.ok for c in seen) / len(seen) if seen else 0.0)
+            seen = min(tool_turns(completion), len(env.calls))
+            out.append((ok_calls_among_first(env, seen) - seen) / seen if seen else 0.0)
         return out
 
 
