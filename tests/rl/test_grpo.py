@@ -292,8 +292,6 @@ def test_held_out_curve_logs_points_before_and_during_training(trainer_parts, tm
 
 def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_parts, tmp_path):
     """Under ``constrained`` every rollout turn is tool calls or an answer, its free text within ROLLOUT_LIMITS."""
-    import json
-
     from medgym.environments.parsing import completion_text, parse_action
     from medgym.rl.grpo import ROLLOUT_LIMITS, make_trainer
 
@@ -320,6 +318,6 @@ def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_pa
         if action.answer is not None:
             assert len(action.answer) <= ROLLOUT_LIMITS["answer_chars"]
         for call in calls:
-            strings = [v for v in json.loads(json.dumps(call["function"]["arguments"])).values() if isinstance(v, str)]
+            strings = [v for v in call["function"]["arguments"].values() if isinstance(v, str)]
             assert all(len(s) <= ROLLOUT_LIMITS["string_chars"] for s in strings), call
         assert not text.split("<")[0].strip(), f"thought text before the call or answer: {text!r}"
