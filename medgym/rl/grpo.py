@@ -11,7 +11,7 @@ results the model actually saw (TRL drops a tool result that would overflow
 :class:`MedGymGRPOTrainer` fixes TRL 1.16 bugs, times rollouts, decodes under a grammar and
 shares the prompt prefix by overriding private methods of ``GRPOTrainer``: ``_tokenize_prompts``
 (image fields as tensors), ``_get_train_sampler`` (epoch-seeded order), ``_generate`` (timing),
-``_generate_single_turn`` (constrained decoding; only the multimodal fields ``generate`` takes,
+``_generate_single_turn`` (constrained decoding, the prompt prefix run once; only the multimodal fields ``generate`` takes,
 Gemma 3's ``num_crops`` and Idefics3's token types dropped), ``__init__`` (the model's own image
 token marks tool-image token types: Gemma 3's ``<image_soft_token>``), ``_generate_and_score_completions``
 (Idefics3's tool-image pixels grouped by rollout) and ``_get_per_token_logps_and_entropies``
@@ -102,12 +102,13 @@ class MedGymGRPOTrainer(GRPOTrainer):
         )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """TRL's turn generation; with ``constrained``, every turn is decoded under the turn grammar.
+        """TRL's turn generation; with ``constrained``, every turn is decoded under the turn grammar, and with
+        ``shared_prefix`` the rows' common system text and tool list are run once (:func:`prefix_cached_generate`).
 
         The grammar (:mod:`medgym.agents.constrained`) admits only tool calls that match the tools'
         schemas or an answer in the env's format, and ends the turn where the grammar is complete,
         so no rollout wastes its token budget on text that cannot parse. TRL's own ``generate`` call
-        gets the logits processor through the unwrapped model for the length of this turn.
+        gets the logits processor and the prefix cache through the unwrapped model for the length of this turn.
 
         Either way, ``generate`` gets only the multimodal fields the model takes (TRL passes Gemma 3's
         ``num_crops``, which ``generate`` rejects), and TRL builds tool-image token types only under
@@ -119,24 +120,30 @@ class MedGymGRPOTrainer(GRPOTrainer):
         multimodal_fields = {k: v for k, v in multimodal_fields.items() if k in accepted}
         typed = "mm_token_type_ids" if "image_grid_thw" in multimodal_fields else "token_type_ids"
         has_tool_images = has_tool_images and typed in accepted
-        if not getattr(self.args, "constrained", False) or self.use_vllm:
+        if self.use_vllm:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        from transformers import LogitsProcessorList
+        extra: dict[str, Any] = {}
+        if getattr(self.args, "constrained", False):
+            from transformers import LogitsProcessorList
 
-        from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
+            from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
 
-        budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
-        stops = stop_ids(self._tokenizer, self.generation_config)
-        grammar = constrained_logits_processor(
-            self._tokenizer,
-            self.tools_schemas,
-            limits=dataclasses.replace(TurnLimits.for_budget(budget), **ROLLOUT_LIMITS),
-            max_new_tokens=budget,
-            stop_token_ids=stops,
-        )
-        inner.generate = functools.partial(type(inner).generate, inner, logits_processor=LogitsProcessorList([grammar]))
+            budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
+            grammar = constrained_logits_processor(
+                self._tokenizer,
+                self.tools_schemas,
+                limits=dataclasses.replace(TurnLimits.for_budget(budget), **ROLLOUT_LIMITS),
+                max_new_tokens=budget,
+                stop_token_ids=stop_ids(self._tokenizer, self.generation_config),
+            )
+            extra["logits_processor"] = LogitsProcessorList([grammar])
+        generate = functools.partial(type(inner).generate, inner, **extra)
+        if getattr(self.args, "shared_prefix", False) and hasattr(getattr(inner, "model", None), "get_rope_index"):
+            turn_start = self._tokenizer.convert_tokens_to_ids("<|im_start|>")
+            generate = functools.partial(prefix_cached_generate, generate, inner, turn_start)
+        inner.generate = generate
         try:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -290,6 +297,56 @@ def common_prefix(rows: list[tuple[torch.Tensor, torch.Tensor, int]], turn_start
     return int(starts[-1]) if len(starts) else 0
 
 
+def prefix_kv(inner, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer for the image-free token prefix ``ids`` (1-D), text positions 0..n-1."""
+    positions = torch.arange(ids.numel(), device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+    out = inner.model.language_model(input_ids=ids[None], position_ids=positions, use_cache=True)
+    cached = out["cache"] if "cache" in out else out["past_key_values"]
+    return [(layer.keys, layer.values) for layer in cached.layers]
+
+
+def kv_cache(inner, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
+    """A fresh cache holding ``kv`` (batch 1) for ``batch`` rows; rows appended to it do not touch ``kv``."""
+    cache = DynamicCache(config=inner.config)
+    for i, (k, v) in enumerate(kv):
+        if batch > 1:
+            k, v = k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()
+        cache.update(k, v, i)
+    return cache
+
+
+def prefix_first(rows: list[tuple[torch.Tensor, torch.Tensor, int]], prefix: int, width: int) -> torch.Tensor:
+    """Column order per row that moves the shared prefix before the left padding: prefix, padding, the rest."""
+    order = []
+    for _, _, start in rows:
+        columns = torch.arange(width)
+        order.append(torch.cat([columns[start : start + prefix], columns[:start], columns[start + prefix :]]))
+    return torch.stack(order)
+
+
+def prefix_cached_generate(generate, inner, turn_start: int, input_ids, attention_mask, **kwargs):
+    """``generate`` with the rows' shared image-free prefix (system text, tool list) run once, not once per row.
+
+    The left-padded rows are rearranged to prefix, padding, rest (the attention mask keeps the padding out,
+    and positions, multimodal RoPE included, count only unmasked tokens, so each row's tokens keep their
+    positions); the prefix's keys and values are computed for one row and copied into the cache of all.
+    The rows keep their width, so the caller's slice of the completion after the prompt is unchanged.
+    Falls back to plain ``generate`` when the rows share less than ``MIN_SHARED_PREFIX`` tokens.
+    """
+    types = kwargs.get("mm_token_type_ids")
+    rows = rollout_rows(input_ids, attention_mask, types if types is not None else torch.zeros_like(input_ids))
+    prefix = common_prefix(rows, turn_start)
+    if prefix < MIN_SHARED_PREFIX:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    order = prefix_first(rows, prefix, input_ids.size(1)).to(input_ids.device)
+    if types is not None:
+        kwargs["mm_token_type_ids"] = types.gather(1, order)
+    kv = prefix_kv(inner, rows[0][0][:prefix])
+    inner.model.rope_deltas = None  # positions of this batch, not of the last one's decoding
+    kwargs[cache_keyword(inner)] = kv_cache(inner, kv, input_ids.size(0))
+    return generate(input_ids=input_ids.gather(1, order), attention_mask=attention_mask.gather(1, order), **kwargs)
+
+
 def shared_prefix_logps(
     model,
     inner,
@@ -310,11 +367,7 @@ def shared_prefix_logps(
     the trainer's (with TRL's fused log-prob head), ``inner`` the unwrapped model.
     """
     keyword = cache_keyword(inner)
-    first_ids = rows[0][0]
-    text_positions = torch.arange(prefix, device=first_ids.device).view(1, 1, -1).expand(3, 1, -1)
-    out = inner.model.language_model(input_ids=first_ids[None, :prefix], position_ids=text_positions, use_cache=True)
-    cached = out["cache"] if "cache" in out else out["past_key_values"]
-    kv = [(layer.keys, layer.values) for layer in cached.layers]
+    kv = prefix_kv(inner, rows[0][0][:prefix])
     image_starts = np.cumsum([0, *(num_images or [0] * len(rows))])
     pixel_starts = None
     if image_grid_thw is not None:
@@ -332,9 +385,7 @@ def shared_prefix_logps(
                     "image_grid_thw": grid,
                 }
         positions, _ = inner.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
-        cache = DynamicCache(config=inner.config)
-        for i, (k, v) in enumerate(kv):
-            cache.update(k, v, i)
+        cache = kv_cache(inner, kv, 1)
         labels = ids[None].masked_fill(attention_mask[r : r + 1, start:] == 0, -100)
         labels[:, :-logits_to_keep] = -100
         out = model(

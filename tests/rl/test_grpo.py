@@ -16,7 +16,7 @@ def _args(tmp_path, **kw):
         train_seeds=[2000, 2],
         max_steps=kw.pop("max_steps", 2),
         per_device_train_batch_size=4,
-        num_generations=4,
+        num_generations=kw.pop("num_generations", 4),
         max_completion_length=192,
         max_tool_calling_iterations=3,
         learning_rate=1e-3,
@@ -321,3 +321,36 @@ def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_pa
             strings = [v for v in call["function"]["arguments"].values() if isinstance(v, str)]
             assert all(len(s) <= ROLLOUT_LIMITS["string_chars"] for s in strings), call
         assert not text.split("<")[0].strip(), f"thought text before the call or answer: {text!r}"
+
+
+def test_prefix_cached_generation_equals_plain_generation(trainer_parts, tmp_path, monkeypatch):
+    """Rollout turns with the shared prefix run once decode what plain ``generate`` decodes, tool pictures included."""
+    import medgym.rl.grpo as grpo
+
+    model, processor, dataset = trainer_parts
+    trainer = grpo.make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, num_generations=2))
+    turns: list[dict] = []
+    real = grpo.prefix_cached_generate
+
+    def spy(generate, inner, turn_start, **kwargs):
+        turns.append(dict(kwargs))
+        return real(generate, inner, turn_start, **kwargs)
+
+    monkeypatch.setattr(grpo, "prefix_cached_generate", spy)
+    trainer.train()
+    assert len(turns) >= 2, "no tool round was generated"
+    assert any(t.get("mm_token_type_ids") is not None and int(t["mm_token_type_ids"].sum()) > 16 * 4 for t in turns)
+    assert any(not t["attention_mask"].all() for t in turns), "no turn had rows of different lengths"
+    model.eval()
+    turn_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for inputs in turns:
+        inputs = {k: v for k, v in inputs.items() if k != "generation_config"}
+        rows = grpo.rollout_rows(inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"])
+        assert grpo.common_prefix(rows, turn_start) > 100
+        settings = {"do_sample": False, "max_new_tokens": 24, "output_scores": True, "return_dict_in_generate": True}
+        with torch.no_grad():
+            plain = model.generate(**inputs, **settings)
+            cached = real(model.generate, model, turn_start, **inputs, **settings)
+        width = inputs["input_ids"].size(1)
+        assert torch.equal(plain.sequences[:, width:], cached.sequences[:, width:])
+        torch.testing.assert_close(plain.scores[0], cached.scores[0], atol=1e-4, rtol=1e-4)
