@@ -383,6 +383,7 @@ class TransformersBackend:
         tool_schemas: list[dict[str, Any]] | None = None,
         constrained: bool = False,
         turn_limits: Any = None,
+        prefix_cache: bool = True,
     ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -406,6 +407,8 @@ class TransformersBackend:
         self.schemas = tool_schemas  # None: the contract's current tools
         self.constrained = constrained
         self.turn_limits = turn_limits  # constrained.TurnLimits; None: sized from max_new_tokens
+        self.prefix_cache = prefix_cache
+        self._prefix: tuple[tuple[int, ...], list[Any]] | None = None  # (system-turn token ids, their keys and values)
 
     def conversation(self, messages: list[Message]) -> list[dict[str, Any]]:
         """The chat-template conversation this model is prompted with."""
@@ -448,6 +451,31 @@ class TransformersBackend:
         # generate must stop on every token the grammar ends a turn with
         return {"logits_processor": LogitsProcessorList([grammar]), "eos_token_id": list(stops)}
 
+    def cached_system_turn(self, ids: Any) -> dict[str, Any]:
+        """``generate``'s cache argument holding the system turn's keys and values (system text and tool list).
+
+        The system turn is the same in every turn of every episode, so it runs once per backend (the
+        weights of a backend's model do not change) and each turn starts decoding after it; greedy turns
+        are the same as without (``tests/agents/test_prefix_cache.py``). Empty (no cache) with
+        ``prefix_cache=False``, for models without multimodal RoPE, or a prompt without a system turn.
+        """
+        from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, prefix_kv
+
+        if not self.prefix_cache or not has_multimodal_rope(self.model):
+            return {}
+        tokenizer = self.processor.tokenizer
+        turn_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        if turn_start is None or turn_start == tokenizer.unk_token_id:
+            return {}
+        starts = (ids == turn_start).nonzero()
+        if len(starts) < 2 or int(starts[0]) != 0:
+            return {}
+        key = tuple(ids[: int(starts[1])].tolist())
+        if self._prefix is None or self._prefix[0] != key:
+            self._prefix = (key, prefix_kv(self.model, ids[: len(key)]))
+        self.model.model.rope_deltas = None  # positions of this prompt, not of the last turn's decoding
+        return {cache_keyword(self.model): kv_cache(self.model, self._prefix[1])}
+
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
         import torch
 
@@ -466,7 +494,8 @@ class TransformersBackend:
             last = bool(messages) and messages[-1].get("kind") == LAST_TURN_KIND
             sampling.update(self.grammar_options(answer_only=last))
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
+            cache = self.cached_system_turn(inputs["input_ids"][0])
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling, **cache)
         new = out[0, inputs["input_ids"].shape[1] :]
         return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 

@@ -29,16 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
+from medgym.agents.prefix_cache import cache_keyword, kv_cache, prefix_kv
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
 from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
 from medgym.rl.conversation import prompt_messages
-from medgym.rl.sft import cache_keyword
 
 if TYPE_CHECKING:
     from medgym.rl.config import GRPOConfig
@@ -297,24 +296,6 @@ def common_prefix(rows: list[tuple[torch.Tensor, torch.Tensor, int]], turn_start
     return int(starts[-1]) if len(starts) else 0
 
 
-def prefix_kv(inner, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values of every layer for the image-free token prefix ``ids`` (1-D), text positions 0..n-1."""
-    positions = torch.arange(ids.numel(), device=ids.device).view(1, 1, -1).expand(3, 1, -1)
-    out = inner.model.language_model(input_ids=ids[None], position_ids=positions, use_cache=True)
-    cached = out["cache"] if "cache" in out else out["past_key_values"]
-    return [(layer.keys, layer.values) for layer in cached.layers]
-
-
-def kv_cache(inner, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
-    """A fresh cache holding ``kv`` (batch 1) for ``batch`` rows; rows appended to it do not touch ``kv``."""
-    cache = DynamicCache(config=inner.config)
-    for i, (k, v) in enumerate(kv):
-        if batch > 1:
-            k, v = k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()
-        cache.update(k, v, i)
-    return cache
-
-
 def prefix_first(rows: list[tuple[torch.Tensor, torch.Tensor, int]], prefix: int, width: int) -> torch.Tensor:
     """Column order per row that moves the shared prefix before the left padding: prefix, padding, the rest."""
     order = []
@@ -385,7 +366,7 @@ def shared_prefix_logps(
                     "image_grid_thw": grid,
                 }
         positions, _ = inner.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
-        cache = kv_cache(inner, kv, 1)
+        cache = kv_cache(inner, kv)
         labels = ids[None].masked_fill(attention_mask[r : r + 1, start:] == 0, -100)
         labels[:, :-logits_to_keep] = -100
         out = model(

@@ -26,15 +26,15 @@ patches a fused LM head into the model's forward, and both get in the way here:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, Trainer
+from transformers import Trainer
 
+from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, prefix_kv
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE, tool_schemas
 from medgym.rl.bridge import MedGymToolEnv
@@ -153,17 +153,6 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
     return cut
 
 
-def has_multimodal_rope(model) -> bool:
-    """Whether :func:`shared_prefix_loss` can split the model's forward: a language model and ``get_rope_index``."""
-    inner = getattr(model, "model", None)
-    return hasattr(inner, "get_rope_index") and hasattr(inner, "language_model")
-
-
-def cache_keyword(model) -> str:
-    """``cache`` in transformers >= 5.2x, ``past_key_values`` before (the old name warns until 5.40 drops it)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> torch.Tensor:
     """Mean next-token loss of the examples, running their common ``prefix`` tokens once.
 
@@ -174,20 +163,13 @@ def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> to
     if prefix == 0:
         return sum(model(**ex).loss for ex in examples) / len(examples)
     keyword = cache_keyword(model)
-    text_positions = torch.arange(prefix, device=examples[0]["input_ids"].device).view(1, 1, -1).expand(3, 1, -1)
-    out = model.model.language_model(
-        input_ids=examples[0]["input_ids"][:, :prefix], position_ids=text_positions, use_cache=True
-    )
-    cached = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
-    kv = [(layer.keys, layer.values) for layer in cached.layers]
+    kv = prefix_kv(model, examples[0]["input_ids"][0, :prefix])
     total = torch.zeros((), device=kv[0][0].device)
     for ex in examples:
         positions, _ = model.model.get_rope_index(
             ex["input_ids"], ex["mm_token_type_ids"], image_grid_thw=ex.get("image_grid_thw")
         )
-        cache = DynamicCache(config=model.config)
-        for i, (k, v) in enumerate(kv):
-            cache.update(k, v, i)
+        cache = kv_cache(model, kv)
         suffix = {k: ex[k][:, prefix:] for k in ("input_ids", "mm_token_type_ids", "labels")}
         images = {k: ex[k] for k in ("pixel_values", "image_grid_thw") if k in ex}
         out = model(**suffix, **images, position_ids=positions[:, :, prefix:], use_cache=True, **{keyword: cache})

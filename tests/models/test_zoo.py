@@ -147,3 +147,29 @@ def test_chat_graph_feeds_the_question_and_tool_images_to_the_model(arch, zoo_di
     ids = torch.tensor(image_token_ids(backend.processor, backend.model))
     n_tokens = int(torch.isin(call["input_ids"], ids).sum())
     assert n_tokens > 0 and n_tokens == count_image_features(backend.model, call)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.startswith("qwen")])
+def test_backend_turns_with_the_cached_system_turn_equal_plain_turns(arch, zoo_dir):
+    """Every multimodal-RoPE architecture decodes the same turns whether its system turn is cached or run each turn."""
+    import gymnasium as gym
+
+    from medgym.agents.backends import TransformersBackend
+    from medgym.environments.evaluate import ENV_ID, run_episode
+
+    turns: dict[bool, list[str]] = {True: [], False: []}
+    for cached in (True, False):
+        backend = TransformersBackend(zoo_dir(arch), device="cpu", max_new_tokens=24, constrained=True)
+        backend.prefix_cache = cached
+        next_turn = backend.next_turn
+
+        def keep(messages, *, temperature=0.0, _next=next_turn, _out=turns[cached]):
+            _out.append(_next(messages, temperature=temperature))
+            return _out[-1]
+
+        backend.next_turn = keep
+        env = gym.make(ENV_ID, source="phantom", tool_mode="predicted", segmenter="threshold")
+        for seed in (0, 1):
+            run_episode(env, backend, seed)
+        assert (backend._prefix is not None) == cached
+    assert len(turns[True]) >= 4 and turns[True] == turns[False]
