@@ -215,14 +215,17 @@ class MedGymGRPOTrainer(GRPOTrainer):
                     return shared_prefix_logps(
                         model,
                         inner,
+                        input_ids,
+                        attention_mask,
+                        fields["mm_token_type_ids"],
                         rows,
                         prefix,
-                        attention_mask,
                         logits_to_keep,
                         fields.get("pixel_values"),
                         fields.get("image_grid_thw"),
                         fields.get("num_images"),
                         bool(fields.get("compute_entropy")),
+                        fields.get("batch_size"),
                     )
         return super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -331,52 +334,63 @@ def prefix_cached_generate(generate, inner, turn_start: int, input_ids, attentio
 def shared_prefix_logps(
     model,
     inner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
     rows: list[tuple[torch.Tensor, torch.Tensor, int]],
     prefix: int,
-    attention_mask: torch.Tensor,
     logits_to_keep: int,
     pixel_values: torch.Tensor | None,
     image_grid_thw: torch.Tensor | None,
     num_images: list[int] | None,
     compute_entropy: bool,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
     """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens of each row, prefix run once.
 
-    The prefix's keys and values are computed once (with gradient when enabled) and reused by each
-    row's suffix, which gets its multimodal RoPE positions from the whole row: the values equal
-    TRL's batched forward (``tests/rl/test_grpo.py`` checks log-probs and gradients). ``model`` is
-    the trainer's (with TRL's fused log-prob head), ``inner`` the unwrapped model.
+    The prefix's keys and values are computed once (with gradient when enabled) and copied into the
+    cache of every row; the rows, rearranged as in :func:`prefix_cached_generate` (prefix, padding, the
+    rest), run their suffixes as one batch (``batch_size`` rows at a time, as TRL's pass), with multimodal
+    RoPE positions from the whole rows: the values equal TRL's batched forward (``tests/rl/test_grpo.py``
+    checks log-probs and gradients). ``model`` is the trainer's (with TRL's fused log-prob head),
+    ``inner`` the unwrapped model.
     """
     keyword = cache_keyword(inner)
     kv = prefix_kv(inner, rows[0][0][:prefix])
+    order = prefix_first(rows, prefix, input_ids.size(1)).to(input_ids.device)
+    ids, mask, types = (t.gather(1, order) for t in (input_ids, attention_mask, mm_token_type_ids))
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-logits_to_keep] = -100
     image_starts = np.cumsum([0, *(num_images or [0] * len(rows))])
     pixel_starts = None
     if image_grid_thw is not None:
         pixel_starts = np.cumsum([0, *image_grid_thw.prod(-1).tolist()])
+    step = batch_size or len(rows)
     logps, entropies = [], []
-    for r, (ids, mm, start) in enumerate(rows):
+    for lo in range(0, len(rows), step):
+        hi = min(len(rows), lo + step)
         images: dict[str, torch.Tensor] = {}
         grid = None
         if pixel_values is not None and image_grid_thw is not None and pixel_starts is not None:
-            a, b = int(image_starts[r]), int(image_starts[r + 1])
+            a, b = int(image_starts[lo]), int(image_starts[hi])
             if b > a:
                 grid = image_grid_thw[a:b]
                 images = {
                     "pixel_values": pixel_values[int(pixel_starts[a]) : int(pixel_starts[b])],
                     "image_grid_thw": grid,
                 }
-        positions, _ = inner.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
-        cache = kv_cache(inner, kv)
-        labels = ids[None].masked_fill(attention_mask[r : r + 1, start:] == 0, -100)
-        labels[:, :-logits_to_keep] = -100
+        positions, _ = inner.model.get_rope_index(
+            ids[lo:hi], types[lo:hi], image_grid_thw=grid, attention_mask=mask[lo:hi]
+        )
         out = model(
-            input_ids=ids[None, prefix:],
-            mm_token_type_ids=mm[None, prefix:],
+            input_ids=ids[lo:hi, prefix:],
+            mm_token_type_ids=types[lo:hi, prefix:],
             position_ids=positions[:, :, prefix:],
-            labels=labels[:, prefix:],
+            attention_mask=mask[lo:hi],
+            labels=labels[lo:hi, prefix:],
             fused_lm_head=True,
             **images,
-            **{keyword: cache},
+            **{keyword: kv_cache(inner, kv, hi - lo)},
         )
         logps.append(out.log_probs[:, -logits_to_keep:])
         if compute_entropy:

@@ -191,7 +191,7 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
     import medgym.rl.grpo as grpo
 
     model, processor, dataset = trainer_parts
-    trainer = grpo.make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1))
+    trainer = grpo.make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, num_generations=2))
     assert trainer.args.shared_prefix
     captured, shared = [], []
     ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
@@ -202,7 +202,7 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
         return ours(self, *args, **kwargs)
 
     def spy_shared(*args, **kwargs):
-        shared.append(args[3])  # the prefix length
+        shared.append(args[6])  # the prefix length
         return real_shared(*args, **kwargs)
 
     monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
@@ -223,7 +223,7 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
 
     a_logps, a_entropy, a_grads = run(ours)
     b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
-    assert valid.sum() > 0
+    assert valid.sum() > 0 and not args[2][:, : -keep].all(), "the rows' prompts were not of different lengths"
     torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
     assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
