@@ -74,6 +74,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._turns_generated = 0  # rollout turns generated in the current _generate call
         # TRL finds image placeholders by ``<|image_pad|>`` / ``<|image|>`` only; Gemma 3's is
         # ``<image_soft_token>``. The model's own id marks tool-image tokens (token type 1).
         image_id = getattr(self.model.config, "image_token_id", None)
@@ -101,7 +102,8 @@ class MedGymGRPOTrainer(GRPOTrainer):
         )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """TRL's turn generation; with ``constrained``, every turn is decoded under the turn grammar, and with
+        """TRL's turn generation; with ``constrained``, every turn is decoded under the turn grammar (the turn after
+        the last tool round: an answer only, as a held-out episode's last turn), and with
         ``shared_prefix`` the rows' common system text and tool list are run once (:func:`prefix_cached_generate`).
 
         The grammar (:mod:`medgym.agents.constrained`) admits only tool calls that match the tools'
@@ -123,6 +125,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
+        self._turns_generated += 1
         extra: dict[str, Any] = {}
         if getattr(self.args, "constrained", False):
             from transformers import LogitsProcessorList
@@ -130,9 +133,11 @@ class MedGymGRPOTrainer(GRPOTrainer):
             from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
 
             budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
+            # TRL runs no tool after the last round's turn: there, as in a held-out episode's last turn, only an answer
+            last = self._turns_generated > (self.max_tool_calling_iterations or 0)
             grammar = constrained_logits_processor(
                 self._tokenizer,
-                self.tools_schemas,
+                None if last else self.tools_schemas,
                 limits=dataclasses.replace(TurnLimits.for_budget(budget), **ROLLOUT_LIMITS),
                 max_new_tokens=budget,
                 stop_token_ids=stop_ids(self._tokenizer, self.generation_config),
@@ -177,6 +182,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
         ``tools/failed_share`` (calls whose tool rejected them; TRL's ``tools/failure_frequency`` counts only
         calls that raised, and medgym's tools answer bad arguments with an error text instead)."""
         tool_before = _tool_seconds(self.environments)
+        self._turns_generated = 0  # the first turn, then one per tool round (see _generate_single_turn)
         t0 = time.perf_counter()
         out = super()._generate(prompts)
         rollout = time.perf_counter() - t0

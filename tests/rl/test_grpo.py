@@ -18,7 +18,7 @@ def _args(tmp_path, **kw):
         per_device_train_batch_size=4,
         num_generations=kw.pop("num_generations", 4),
         max_completion_length=192,
-        max_tool_calling_iterations=3,
+        max_tool_calling_iterations=kw.pop("max_tool_calling_iterations", 3),
         learning_rate=1e-3,
         temperature=1.0,
         beta=0.0,
@@ -223,7 +223,7 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
 
     a_logps, a_entropy, a_grads = run(ours)
     b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
-    assert valid.sum() > 0 and not args[2][:, : -keep].all(), "the rows' prompts were not of different lengths"
+    assert valid.sum() > 0 and not args[2][:, :-keep].all(), "the rows' prompts were not of different lengths"
     torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
     assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
@@ -354,3 +354,30 @@ def test_prefix_cached_generation_equals_plain_generation(trainer_parts, tmp_pat
         width = inputs["input_ids"].size(1)
         assert torch.equal(plain.sequences[:, width:], cached.sequences[:, width:])
         torch.testing.assert_close(plain.scores[0], cached.scores[0], atol=1e-4, rtol=1e-4)
+
+
+def test_constrained_rollouts_answer_in_the_turn_after_the_last_tool_round(trainer_parts, tmp_path):
+    """TRL runs no tool after the last round, so under ``constrained`` that turn can only be an answer."""
+    from medgym.environments.parsing import completion_text, parse_action
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    args = _args(tmp_path, max_steps=1, constrained=True, max_tool_calling_iterations=1)
+    trainer = make_trainer(model, processor, dataset, args)
+    seen: list = []
+    score = trainer.reward_funcs[0]
+
+    def keep(completions, **kwargs):
+        seen.extend(completions)
+        return score(completions, **kwargs)
+
+    keep.__name__ = score.__name__
+    trainer.reward_funcs[0] = keep
+    trainer.train()
+
+    with_tools = [c for c in seen if any(m.get("role") == "tool" for m in c)]
+    assert with_tools, "no rollout called a tool"
+    for completion in with_tools:
+        last = [m for m in completion if m.get("role") == "assistant"][-1]
+        assert not last.get("tool_calls"), completion
+        assert parse_action(completion_text([last])).answer is not None, completion
