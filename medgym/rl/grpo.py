@@ -32,7 +32,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
-from medgym.agents.prefix_cache import cache_keyword, kv_cache, prefix_kv
+from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, prefix_kv
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
@@ -144,7 +144,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             )
             extra["logits_processor"] = LogitsProcessorList([grammar])
         generate = functools.partial(type(inner).generate, inner, **extra)
-        if getattr(self.args, "shared_prefix", False) and hasattr(getattr(inner, "model", None), "get_rope_index"):
+        if getattr(self.args, "shared_prefix", False) and has_multimodal_rope(inner):
             turn_start = self._tokenizer.convert_tokens_to_ids("<|im_start|>")
             generate = functools.partial(prefix_cached_generate, generate, inner, turn_start)
         inner.generate = generate
@@ -208,7 +208,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             getattr(self.args, "shared_prefix", False)
             and not fields.get("compute_aux_loss")
             and fields.get("mm_token_type_ids") is not None
-            and hasattr(getattr(inner, "model", None), "get_rope_index")
+            and has_multimodal_rope(inner)
             and not any(fields.get(k) is not None for k in SHARED_PREFIX_UNSUPPORTED)
             and (fields.get("pixel_values") is None or fields.get("num_images") is not None)
         )
@@ -307,9 +307,9 @@ def common_prefix(rows: list[tuple[torch.Tensor, torch.Tensor, int]], turn_start
 
 def prefix_first(rows: list[tuple[torch.Tensor, torch.Tensor, int]], prefix: int, width: int) -> torch.Tensor:
     """Column order per row that moves the shared prefix before the left padding: prefix, padding, the rest."""
+    columns = torch.arange(width)
     order = []
     for _, _, start in rows:
-        columns = torch.arange(width)
         order.append(torch.cat([columns[start : start + prefix], columns[:start], columns[start + prefix :]]))
     return torch.stack(order)
 

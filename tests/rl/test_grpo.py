@@ -290,13 +290,8 @@ def test_held_out_curve_logs_points_before_and_during_training(trainer_parts, tm
     assert metrics.plot(GRPO_PANELS, "grpo.png").stat().st_size > 10_000
 
 
-def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_parts, tmp_path):
-    """Under ``constrained`` every rollout turn is tool calls or an answer, its free text within ROLLOUT_LIMITS."""
-    from medgym.environments.parsing import completion_text, parse_action
-    from medgym.rl.grpo import ROLLOUT_LIMITS, make_trainer
-
-    model, processor, dataset = trainer_parts
-    trainer = make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, constrained=True))
+def _train_keeping_completions(trainer) -> list:
+    """Train, and return every rollout completion the (first) reward function was given."""
     seen: list = []
     score = trainer.reward_funcs[0]
 
@@ -307,6 +302,17 @@ def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_pa
     keep.__name__ = score.__name__
     trainer.reward_funcs[0] = keep
     trainer.train()
+    return seen
+
+
+def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_parts, tmp_path):
+    """Under ``constrained`` every rollout turn is tool calls or an answer, its free text within ROLLOUT_LIMITS."""
+    from medgym.environments.parsing import completion_text, parse_action
+    from medgym.rl.grpo import ROLLOUT_LIMITS, make_trainer
+
+    model, processor, dataset = trainer_parts
+    trainer = make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, constrained=True))
+    seen = _train_keeping_completions(trainer)
 
     assert len(seen) == 4
     turns = [m for c in seen for m in c if m.get("role") == "assistant"]
@@ -364,16 +370,7 @@ def test_constrained_rollouts_answer_in_the_turn_after_the_last_tool_round(train
     model, processor, dataset = trainer_parts
     args = _args(tmp_path, max_steps=1, constrained=True, max_tool_calling_iterations=1)
     trainer = make_trainer(model, processor, dataset, args)
-    seen: list = []
-    score = trainer.reward_funcs[0]
-
-    def keep(completions, **kwargs):
-        seen.extend(completions)
-        return score(completions, **kwargs)
-
-    keep.__name__ = score.__name__
-    trainer.reward_funcs[0] = keep
-    trainer.train()
+    seen = _train_keeping_completions(trainer)
 
     with_tools = [c for c in seen if any(m.get("role") == "tool" for m in c)]
     assert with_tools, "no rollout called a tool"
