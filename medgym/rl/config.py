@@ -214,6 +214,18 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "(Qwen3-VL policies; others fall back to TRL's batched forward).",
         default=True,
     )
+    loss_on: str = _help(
+        "Rollout tokens the policy loss covers: 'all' (every token the model wrote; TRL's default) or "
+        "'answer' (only the turn after the last tool result: the answer given the evidence the tools "
+        "returned; the calls' tokens get no gradient, so a noisy answer reward cannot push them around).",
+        default="all",
+    )
+    advantage_floor: float | None = _help(
+        "Clamp each rollout's advantage from below (0: only rollouts that beat their group's mean are "
+        "reinforced and none is pushed down, a filtered self-imitation that a small policy whose rewards "
+        "are mostly 0 survives; None: TRL's two-sided advantages).",
+        default=None,
+    )
     tool_failure_weight: float = _help(
         "Weight of a GRPO-only reward term: minus the share of a rollout's tool calls that failed "
         "(bad arguments, unknown masks). 0: off. Logged as rewards/tool_failure.",
@@ -222,6 +234,8 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
 
     def __post_init__(self) -> None:
         self.check_medgym()
+        if self.loss_on not in ("all", "answer"):
+            raise ValueError(f"loss_on must be 'all' or 'answer', not {self.loss_on!r}")
         if self.tool_failure_weight < 0:
             raise ValueError("tool_failure_weight must be >= 0 (it weighs a penalty)")
         if self.max_steps <= 0 or self.learning_rate <= 0:

@@ -156,13 +156,25 @@ class MedGymGRPOTrainer(GRPOTrainer):
             del inner.generate
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's rollouts and scores, with Idefics3's pictures grouped by rollout after a tool image.
+        """TRL's rollouts and scores, with Idefics3's pictures grouped by rollout after a tool image, and
+        the loss cut to the answer turn under ``loss_on: answer`` (:func:`answer_turn_mask`) and the
+        advantages clamped from below under ``advantage_floor``.
 
         After a tool image TRL runs the image processor on all pictures as one flat list; Idefics3's
         returns ``pixel_values`` (1, n_images, ...), which TRL's shuffle indexes by rollout. Regrouped
         to (rollouts, most images, ...), zero-padded as Idefics3's processor pads a batch.
         """
         out = super()._generate_and_score_completions(inputs)
+        if getattr(self.args, "loss_on", "all") == "answer" and out.get("tool_mask") is not None:
+            from medgym.agents.constrained import ANSWER_OPEN
+
+            opens = self._tokenizer.encode(ANSWER_OPEN, add_special_tokens=False)
+            out["tool_mask"] = answer_turn_mask(
+                out["tool_mask"], out["completion_mask"], out["completion_ids"], opens[0] if len(opens) == 1 else None
+            )
+        floor = getattr(self.args, "advantage_floor", None)
+        if floor is not None:
+            out["advantages"] = out["advantages"].clamp(min=floor)
         pixels, counts = out.get("pixel_values"), out.get("num_images")
         if pixels is not None and pixels.ndim == 5 and counts is not None and pixels.size(0) != len(counts):
             for key in ("pixel_values", "pixel_attention_mask"):
@@ -265,6 +277,34 @@ def generate_kwargs(model) -> set[str]:
     if accepted & {"kwargs", "model_kwargs"}:
         accepted |= set(inspect.signature(base.forward).parameters)
     return accepted
+
+
+def answer_turn_mask(
+    tool_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    completion_ids: torch.Tensor | None = None,
+    answer_open: int | None = None,
+) -> torch.Tensor:
+    """TRL's ``tool_mask`` (1: a token the model wrote, 0: a tool result) cut to the answer: every token up
+    to a row's last tool-result token becomes 0 and, when ``<answer>`` is one token (``answer_open``), every
+    token up to and including the row's last ``<answer>`` too (a row without one trains nothing). So the
+    choice between answering and calling a tool gets no gradient, only what the answer says.
+
+    >>> mask, ones = torch.tensor([[1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]), torch.ones(2, 7)
+    >>> answer_turn_mask(mask, ones).tolist()
+    [[0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]
+    >>> ids = torch.tensor([[5, 6, 8, 8, 9, 3, 4], [5, 6, 9, 3, 4, 2, 2]])  # 9: <answer>
+    >>> answer_turn_mask(mask, ones, ids, answer_open=9).tolist()
+    [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
+    """
+    positions = torch.arange(tool_mask.size(1), device=tool_mask.device).expand_as(tool_mask)
+    none = torch.full_like(positions, -1)
+    cut = torch.where((tool_mask == 0) & (completion_mask > 0), positions, none).amax(dim=1, keepdim=True)
+    if completion_ids is not None and answer_open is not None:
+        opened = torch.where((completion_ids == answer_open) & (completion_mask > 0), positions, none)
+        last_open = opened.amax(dim=1, keepdim=True)
+        cut = torch.where(last_open >= 0, torch.maximum(cut, last_open), torch.full_like(cut, tool_mask.size(1)))
+    return tool_mask * (positions > cut).to(tool_mask.dtype)
 
 
 def group_by_rollout(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:

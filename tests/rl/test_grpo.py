@@ -29,6 +29,13 @@ def _args(tmp_path, **kw):
     )
 
 
+def length_signal(completions, **kwargs):
+    """A test-only reward that always differs within a group, so advantages (and gradients) are non-zero."""
+    from medgym.environments.parsing import completion_text
+
+    return [len(completion_text(c)) / 100 for c in completions]
+
+
 @pytest.fixture
 def trainer_parts(tiny_sft, tiny_source, tiny_tool_mode, tmp_path):
     from medgym.environments.expert import expert_calls
@@ -139,7 +146,6 @@ def test_list_image_fields_regression(trainer_parts, tmp_path):
 def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
     from transformers import TrainerCallback
 
-    from medgym.environments.parsing import completion_text
     from medgym.rl.grpo import make_trainer
 
     model, processor, dataset = trainer_parts
@@ -158,10 +164,6 @@ def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
     class Keep(TrainerCallback):
         def on_log(self, args, state, control, logs_=None, **kwargs):
             logs.append(dict(kwargs.get("logs") or logs_ or {}))
-
-    def length_signal(completions, **kwargs):
-        """A test-only reward that always differs within a group, so advantages (and gradients) are non-zero."""
-        return [len(completion_text(c)) / 100 for c in completions]
 
     trainer = make_trainer(
         model, processor, dataset, _args(tmp_path), callbacks=[Keep()], extra_rewards=[(length_signal, 0.1)]
@@ -378,3 +380,38 @@ def test_constrained_rollouts_answer_in_the_turn_after_the_last_tool_round(train
         last = [m for m in completion if m.get("role") == "assistant"][-1]
         assert not last.get("tool_calls"), completion
         assert parse_action(completion_text([last])).answer is not None, completion
+
+
+def test_answer_only_loss_covers_the_last_turn_and_no_call(trainer_parts, tmp_path):
+    """``loss_on: answer``: the loss mask keeps the answer turn's tokens and drops every call's;
+    ``advantage_floor: 0``: no rollout is pushed down, the better ones still up."""
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    args = _args(
+        tmp_path, max_steps=2, constrained=True, max_tool_calling_iterations=1, loss_on="answer", advantage_floor=0.0
+    )
+    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
+    batches: list[dict] = []
+    real = trainer._compute_loss
+
+    def spy(model, inputs):
+        batches.append({k: inputs[k].clone() for k in ("completion_ids", "completion_mask", "tool_mask", "advantages")})
+        return real(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    assert batches
+    advantages = torch.cat([b["advantages"] for b in batches])
+    assert (advantages >= 0).all() and (advantages > 0).any(), advantages
+    decode = processor.tokenizer.decode
+    assert len(processor.tokenizer.encode("<answer>", add_special_tokens=False)) == 1
+    with_tools = trained_rows = 0
+    for batch in batches:
+        for ids, kept, tools in zip(batch["completion_ids"], batch["completion_mask"], batch["tool_mask"], strict=True):
+            trained = decode(ids[(kept * tools).bool()])
+            with_tools += "<tool_response>" in decode(ids[kept.bool()])
+            if trained:  # only what the answer says: not the call, nor the choice to answer
+                trained_rows += 1
+                assert "</answer>" in trained and "<answer>" not in trained and "<tool_call>" not in trained, trained
+    assert with_tools and trained_rows, "no rollout called a tool, or none answered"
