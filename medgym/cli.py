@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from medgym.environments.evaluate import evaluate
 
     try:
-        policy = make_policy(args.policy, tool_mode=args.tool_mode, constrained=args.constrained)
+        policy = make_policy(args.policy, tool_mode=args.tool_mode, constrained=args.constrained, source=args.source)
     except BackendUnavailable as exc:
         raise SystemExit(f"medgym eval: {exc}") from None
     summary = evaluate(

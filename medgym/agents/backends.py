@@ -22,7 +22,10 @@ returns structured tool calls (OpenAI) write them back in that format, so there 
 - ``openai:MODEL@URL`` (or ``openai:MODEL`` with ``$OPENAI_BASE_URL``): any OpenAI-compatible
   chat-completions endpoint (vLLM, TGI, ``medgym serve``);
 - ``demo``: a *scripted demo*, not a model — zoom the centre, window, segment a centre box,
-  measure, answer with the measurement; for trying the chat on any image.
+  measure, answer with the measurement; for trying the chat on any image;
+- ``prior`` / ``prior:N``: a *baseline*, not a model — per question template the answer most common
+  among N (1000) training cases, no tool, no look at the picture
+  (:class:`~medgym.environments.policies.AnswerPriorPolicy`); benchmark cases only.
 
 Tools reach a model only through ``tools=`` (chat template or OpenAI request), never pasted into
 the system text.
@@ -61,7 +64,7 @@ ERR_NO_EMBEDDED = (
     "or choose another policy (expert, demo, transformers:PATH, openai:MODEL@URL)."
 )
 ERR_UNKNOWN_POLICY = (
-    "Unknown policy {spec!r}; write one of: expert, demo, embedded, embedded-sft, embedded:PATH, "
+    "Unknown policy {spec!r}; write one of: expert, demo, prior, prior:N, embedded, embedded-sft, embedded:PATH, "
     "transformers:PATH, openai:MODEL@URL."
 )
 ERR_NEEDS_PATH = "The {name} policy needs a model folder: write {name}:PATH."
@@ -595,6 +598,12 @@ def make_policy(spec: str, *, case: Case | None = None, tool_mode: str = DEFAULT
         return ExpertPolicy(case, tool_mode)  # without a case: bound per episode through for_case
     if name == "demo" and not arg:
         return DemoBackend()
+    if name == "prior":
+        from medgym.environments.policies import AnswerPriorPolicy
+
+        if arg and not arg.isdigit():
+            raise BackendUnavailable(f"prior:N takes a number of training cases to fit on, not {arg!r}")
+        return AnswerPriorPolicy(str(options.get("source") or "phantom"), int(arg or 1000))
     if name in ("embedded", "embedded-sft"):
         return EmbeddedBackend(arg or options.get("checkpoint") or name, device=device, constrained=constrained)
     if name == "transformers":

@@ -18,16 +18,26 @@ A policy that depends on the case (the expert) has ``for_case(case) -> Policy``;
 
 from __future__ import annotations
 
+import collections
+import copy
 import json
+import statistics
 from typing import Any, Protocol, runtime_checkable
 
-from medgym.environments.case import Case
+from medgym.environments.case import Case, box_text
 from medgym.environments.contract import DEFAULT_TOOL_MODE, Message, check_tool_mode
 
 ERR_EXPERT_NO_CASE = (
     "The expert follows a case's expert trace, and uploaded images have none. "
     "Chat over a phantom case (--case-seed N), or use --backend demo for a scripted demo on any image."
 )
+
+
+ERR_PRIOR_NO_CASE = (
+    "The answer prior answers a known question template (a benchmark case); it has no answer for an "
+    "uploaded image. Evaluate it with medgym eval --policy prior or medgym train bench --checkpoint prior=prior."
+)
+PRIOR_FIRST_SEED = 90_000  # the cases the prior is fitted on (held-out evaluation uses seeds 0..999)
 
 
 @runtime_checkable
@@ -118,3 +128,61 @@ def message_json(messages: list[Message]) -> str:
         return {**{k: v for k, v in m.items() if k != "images"}, "images": [list(i.shape) for i in m.get("images", [])]}
 
     return json.dumps([strip(m) for m in messages], sort_keys=True, default=str)
+
+
+def typical_answer(cases: list[Case]) -> str:
+    """The answer turn a question-only baseline gives for cases of one template: the most common
+    answer, or the median for numbers and boxes.
+
+    >>> mc = [Case.__new__(Case) for _ in range(3)]
+    >>> for c, a in zip(mc, "ABB"):
+    ...     c.answer, c.answer_type, c.answer_box = a, "mc", None
+    >>> typical_answer(mc)
+    '<answer>B</answer>'
+    """
+    kind = cases[0].answer_type
+    if kind == "box" and all(c.answer_box is not None for c in cases):
+        box = box_text([statistics.median(c.answer_box[i] for c in cases) for i in range(4)])
+        return f"<answer>{box}</answer><box>{box}</box>"
+    if kind == "numeric":
+        return f"<answer>{statistics.median(float(c.answer) for c in cases):g}</answer>"
+    return f"<answer>{collections.Counter(c.answer for c in cases).most_common(1)[0][0]}</answer>"
+
+
+class AnswerPriorPolicy:
+    """A baseline, not a model: per question template, the answer most common among ``n`` training cases
+    (the median for numbers and boxes, :func:`typical_answer`), whatever the picture shows, with no tool
+    call. What answer rewards can teach a policy that does not look; one that looks must beat it.
+
+    The template is what the question asks (its wording says as much); the prior reads it from the
+    case it is bound to (:meth:`for_case`), and nothing else of the case.
+    """
+
+    def __init__(self, source: str = "phantom", n: int = 1000, first: int = PRIOR_FIRST_SEED):
+        from medgym.environments.sources import make_source
+
+        if n < 1:
+            raise ValueError("the answer prior needs at least one case to fit on")
+        fitted = make_source(source)
+        by_template: dict[str, list[Case]] = collections.defaultdict(list)
+        for seed in range(first, first + n):
+            case = fitted.case(seed)
+            by_template[case.template].append(case)
+        self.answers = {t: typical_answer(cases) for t, cases in by_template.items()}
+        self.model_id = f"answer-prior({source}, {n} cases)"
+        self.case: Case | None = None
+
+    def for_case(self, case: Case | None) -> AnswerPriorPolicy:
+        if case is None:
+            raise ValueError(ERR_PRIOR_NO_CASE)
+        bound = copy.copy(self)
+        bound.case = case
+        return bound
+
+    def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
+        if self.case is None:
+            raise ValueError(ERR_PRIOR_NO_CASE)
+        known = self.answers.get(self.case.template)
+        if known is None:
+            return "<answer>" + {"yesno": "no", "numeric": "0"}.get(self.case.answer_type, "A") + "</answer>"
+        return known

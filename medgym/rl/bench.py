@@ -29,6 +29,11 @@ def bootstrap_difference(
     return {"difference": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
+def is_prior(path: str) -> bool:
+    """``prior`` or ``prior:N``: the answer-prior baseline (:class:`~medgym.environments.policies.AnswerPriorPolicy`)."""
+    return path == "prior" or (path.startswith("prior:") and path[6:].isdigit())
+
+
 def run_bench(
     checkpoints: dict[str, str],
     n: int = 30,
@@ -47,13 +52,16 @@ def run_bench(
     bench on the same cases and settings, lends the results (and per-case rows) of the policies it
     ran under the same name and checkpoint, so a new checkpoint is compared without re-running the others.
     """
-    from medgym.agents.backends import EmbeddedBackend
+    from medgym.agents.backends import EmbeddedBackend, make_policy
     from medgym.environments.evaluate import evaluate
     from medgym.environments.policies import ExpertPolicy
     from medgym.rl.runs import resolve_checkpoint
 
     settings = {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "constrained": constrained}
-    paths = {"expert": "expert", **{name: str(resolve_checkpoint(path)) for name, path in checkpoints.items()}}
+    paths = {
+        "expert": "expert",
+        **{name: path if is_prior(path) else str(resolve_checkpoint(path)) for name, path in checkpoints.items()},
+    }
     out, cases = {}, {}
     if previous and all(previous.get(k) == v for k, v in settings.items()):
         for name, path in paths.items():
@@ -65,6 +73,8 @@ def run_bench(
             continue
         if name == "expert":
             policies[name] = ExpertPolicy(tool_mode=tool_mode)
+        elif is_prior(path):
+            policies[name] = make_policy(path, source=source)
         else:
             policies[name] = EmbeddedBackend(path, constrained=constrained)
     for name, policy in policies.items():
