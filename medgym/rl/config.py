@@ -216,8 +216,9 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
     )
     loss_on: str = _help(
         "Rollout tokens the policy loss covers: 'all' (every token the model wrote; TRL's default) or "
-        "'answer' (only the turn after the last tool result: the answer given the evidence the tools "
-        "returned; the calls' tokens get no gradient, so a noisy answer reward cannot push them around).",
+        "'answer' (only what the answer says: the tokens after the last tool result and the last <answer> "
+        "tag; the calls, and the choice to answer rather than call, get no gradient, so a noisy answer "
+        "reward cannot push them around).",
         default="all",
     )
     advantage_floor: float | None = _help(

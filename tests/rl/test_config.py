@@ -55,6 +55,7 @@ def test_yaml_then_overrides():
         ("GRPOConfig", {"num_generations": 1, "per_device_train_batch_size": 1}, "num_generations must be >= 2"),
         ("GRPOConfig", {"stages": ["astrology"]}, "choose from"),
         ("GRPOConfig", {"segmenter": "crayon"}, "segmenter must be one of"),
+        ("GRPOConfig", {"loss_on": "calls"}, "loss_on must be 'all' or 'answer'"),
     ],
 )
 def test_bad_values_are_refused_with_a_fix(cls, values, message):
