@@ -121,10 +121,52 @@ def _bounded(schema: Any, string_chars: int) -> Any:
     return out
 
 
+def _array_branch(schema: Any) -> dict[str, Any] | None:
+    """The array schema inside a (possibly ``anyOf``-with-null) argument model property, if any."""
+    if not isinstance(schema, dict):
+        return None
+    for branch in schema.get("anyOf", [schema]):
+        if isinstance(branch, dict) and branch.get("type") == "array":
+            return branch
+    return None
+
+
+def _merge_lengths(prompted: dict[str, Any], model: dict[str, Any] | None) -> None:
+    """Copy the argument model's ``minItems``/``maxItems`` into a prompted array schema, items included."""
+    if model is None or prompted.get("type") != "array":
+        return
+    for key in ("minItems", "maxItems"):
+        if key in model and key not in prompted:
+            prompted[key] = model[key]
+    if isinstance(prompted.get("items"), dict):
+        _merge_lengths(prompted["items"], _array_branch(model.get("items")))
+
+
+def with_model_lengths(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` of a medgym tool with its argument model's array lengths (a box has 4 numbers).
+
+    The schemas models are prompted with come from transformers' ``get_json_schema``, which drops them,
+    so without this a grammar would let a model write a box of 3 numbers that the tool then refuses.
+    Other tools' parameters are returned as given.
+    """
+    from medgym.tools import TOOLS
+
+    spec = TOOLS.get(name)
+    if spec is None:
+        return parameters
+    model = spec.input_model.model_json_schema().get("properties", {})
+    for arg, prompted in (parameters.get("properties") or {}).items():
+        if isinstance(prompted, dict):
+            _merge_lengths(prompted, _array_branch(model.get(arg)))
+    return parameters
+
+
 def call_schema(tool: dict[str, Any], string_chars: int = TurnLimits.string_chars) -> dict[str, Any]:
-    """The JSON schema of one call of ``tool`` (an OpenAI-style ``{"type": "function", "function": ...}``)."""
+    """The JSON schema of one call of ``tool`` (an OpenAI-style ``{"type": "function", "function": ...}``),
+    with a medgym tool's array lengths (:func:`with_model_lengths`)."""
     function = tool.get("function", tool)
     parameters = copy.deepcopy(function.get("parameters") or {"type": "object", "properties": {}})
+    parameters = with_model_lengths(function["name"], parameters)
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": _bounded(parameters, string_chars)},

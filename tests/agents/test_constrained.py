@@ -112,6 +112,11 @@ def test_well_formed_turns_are_accepted_and_may_end_only_when_complete(tokenizer
         ('<tool_call>{"name": "retrieve", "arguments": {"k": 3}}</tool_call>', '"k"'),  # required query missing
         ('<tool_call>{"name": "measure", "arguments": {"target": "a</tool_call>"}}</tool_call>', "</tool_call>"),
         ("<answer>12 mm</answer><box>[1, 2, NaN, 4]</box>", "NaN"),
+        ('<tool_call>{"name": "segment", "arguments": {"box": [1, 2, 3]}}</tool_call>', "3]"),  # 3 numbers
+        ('<tool_call>{"name": "segment", "arguments": {"box": [1, 2, 3, 4, 5]}}</tool_call>', ", 5"),
+        ('<tool_call>{"name": "segment", "arguments": {"point": [7]}}</tool_call>', "7]"),
+        ('<tool_call>{"name": "zoom", "arguments": {"boxes": [[0, 0, 9]]}}</tool_call>', "9]"),
+        ('<tool_call>{"name": "zoom", "arguments": {"boxes": []}}</tool_call>', "[]"),
         ('<answer>12</answer><tool_call>{"name": "zoom"', "<tool_call>"),  # an answer and calls in one turn
     ],
 )
