@@ -262,6 +262,15 @@ def _letter(case: Case, text: str | None) -> str:
     return chr(65 + case.choices.index(text)) if text in case.choices else "A"
 
 
+def blank_answer(answer_type: str) -> str:
+    """What is answered with nothing to go on: "no", "0", or the first choice.
+
+    >>> [blank_answer(t) for t in ("yesno", "numeric", "mc")]
+    ['no', '0', 'A']
+    """
+    return {"yesno": "no", "numeric": "0"}.get(answer_type, "A")
+
+
 def expert_answer(case: Case, mode: str, records: list[Record]) -> str:
     """The expert's final turn: in predicted mode computed from the tool results it read, in oracle mode the known one.
 
@@ -320,7 +329,7 @@ def expert_answer(case: Case, mode: str, records: list[Record]) -> str:
         return case.expert_answer
     if text is None:
         # Nothing segmented where the question needs a finding: say so (scored as any answer is).
-        text = {"yesno": "no", "numeric": "0"}.get(case.answer_type, "A")
+        text = blank_answer(case.answer_type)
     answer = f"<answer>{text}</answer>"
     if box is not None and case.answer_box is not None:
         answer += f"<box>{box_text([float(v) for v in box])}</box>"

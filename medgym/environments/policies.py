@@ -182,7 +182,7 @@ class AnswerPriorPolicy:
     def next_turn(self, messages: list[Message], *, temperature: float = 0.0) -> str:
         if self.case is None:
             raise ValueError(ERR_PRIOR_NO_CASE)
+        from medgym.environments.expert import blank_answer
+
         known = self.answers.get(self.case.template)
-        if known is None:
-            return "<answer>" + {"yesno": "no", "numeric": "0"}.get(self.case.answer_type, "A") + "</answer>"
-        return known
+        return known if known is not None else f"<answer>{blank_answer(self.case.answer_type)}</answer>"

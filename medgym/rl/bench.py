@@ -30,8 +30,11 @@ def bootstrap_difference(
 
 
 def is_prior(path: str) -> bool:
-    """``prior`` or ``prior:N``: the answer-prior baseline (:class:`~medgym.environments.policies.AnswerPriorPolicy`)."""
-    return path == "prior" or (path.startswith("prior:") and path[6:].isdigit())
+    """``prior`` or ``prior:N``: the answer-prior baseline (:class:`~medgym.environments.policies.AnswerPriorPolicy`),
+    read as :func:`~medgym.agents.backends.make_policy` reads specs (which refuses a bad N)."""
+    from medgym.agents.backends import parse_spec
+
+    return parse_spec(path)[0] == "prior"
 
 
 def run_bench(
