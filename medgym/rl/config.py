@@ -120,6 +120,11 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
     tools: bool = _help(
         "Train on expert tool conversations; false trains the no-tools baseline (answer straight away).", default=True
     )
+    turns: int = _help(
+        "Keep each expert conversation up to its first N assistant turns (0: whole). 1 trains the first move "
+        "alone -- where to look (the box of the first segment or zoom) -- on short sequences.",
+        default=0,
+    )
 
     def __post_init__(self) -> None:
         self.check_medgym()
@@ -138,6 +143,8 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
             )
         if self.learning_rate <= 0 or (self.num_train_epochs <= 0 and self.max_steps <= 0):
             raise ValueError("learning_rate and num_train_epochs (or max_steps) must be positive")
+        if self.turns < 0 or (self.turns and not self.tools):
+            raise ValueError("turns must be 0 (whole conversations) or positive, and needs tools: true")
         self.apply_medgym_defaults()
         super().__post_init__()
 

@@ -75,12 +75,17 @@ def multimodal_prompt(
 
 
 def expert_conversation(
-    case: Case, env: MedGymToolEnv | None = None, tool_mode: str | None = None, system: str | None = None
+    case: Case,
+    env: MedGymToolEnv | None = None,
+    tool_mode: str | None = None,
+    system: str | None = None,
+    turns: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures.
 
     The calls run through the bridge (the one call runner); in predicted mode the expert's answer is
     computed from the results it read (:func:`medgym.environments.templates.expert_answer`).
+    ``turns`` > 0 ends the episode at its ``turns``-th assistant message (no tool runs after it).
     """
     from medgym.environments.expert import expert_answer, expert_calls
     from medgym.rl.bridge import MedGymToolEnv, start_case
@@ -89,7 +94,7 @@ def expert_conversation(
     mode = tool_mode or env.tool_mode
     start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
     messages = multimodal_prompt(case, mode, system)
-    for call in expert_calls(case, mode):
+    for made, call in enumerate(expert_calls(case, mode), start=1):
         messages.append(
             {
                 "role": "assistant",
@@ -97,6 +102,8 @@ def expert_conversation(
                 "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}],
             }
         )
+        if made == turns:
+            return messages, count_images(messages)
         result = env._call_tool(call.name, dict(call.arguments))
         if isinstance(result, str):
             result = [{"type": "text", "text": result}]
@@ -106,7 +113,8 @@ def expert_conversation(
     ]
     answer = expert_answer(case, mode, records)
     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    n_images = sum(
-        1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
-    )
-    return messages, n_images
+    return messages, count_images(messages)
+
+
+def count_images(messages: list[dict[str, Any]]) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")

@@ -192,8 +192,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         with_tools: bool = True,
         tool_mode: str = DEFAULT_TOOL_MODE,
         segmenter: str = "threshold",
+        turns: int = 0,
     ):
         self.cases = cases
+        self.turns = turns
         self.processor = processor
         self.with_tools = with_tools
         self.tool_mode = tool_mode
@@ -211,7 +213,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _encode(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         if self.with_tools:
-            messages = expert_conversation(case, self.env, self.tool_mode)[0]
+            messages = expert_conversation(case, self.env, self.tool_mode, turns=self.turns)[0]
         else:
             messages = direct_conversation(case, self.tool_mode)
         return encode_conversation(self.processor, messages, self.tools, self.markers)
@@ -269,7 +271,7 @@ def train_sft(
     With ``args.tools``, a case becomes its expert conversation (tool calls and real tool results);
     without (the no-tools baseline) the question is answered directly.
     """
-    dataset = ConversationDataset(cases, processor, args.tools, args.tool_mode, args.segmenter)
+    dataset = ConversationDataset(cases, processor, args.tools, args.tool_mode, args.segmenter, args.turns)
     trainer = SharedPrefixSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
     )

@@ -56,6 +56,8 @@ def test_yaml_then_overrides():
         ("GRPOConfig", {"stages": ["astrology"]}, "choose from"),
         ("GRPOConfig", {"segmenter": "crayon"}, "segmenter must be one of"),
         ("GRPOConfig", {"loss_on": "calls"}, "loss_on must be 'all' or 'answer'"),
+        ("SFTConfig", {"turns": 1, "tools": False}, "needs tools: true"),
+        ("SFTConfig", {"turns": -1}, "turns must be 0"),
     ],
 )
 def test_bad_values_are_refused_with_a_fix(cls, values, message):

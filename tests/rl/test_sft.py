@@ -47,6 +47,22 @@ def test_assistant_mask_covers_calls_answer_and_stop(tiny_processor, tiny_source
     assert int((enc["input_ids"] == image_pad).sum()) == 16 * enc["image_grid_thw"].shape[0]
 
 
+def test_first_turns_train_only_the_first_move(tiny_processor, tiny_source):
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.sft import ConversationDataset
+
+    cases = [tiny_source.case(2002)]
+    first = expert_calls(cases[0], "predicted")[0]
+    data = ConversationDataset(cases, tiny_processor, turns=1)
+    enc = data[0]
+    target = tiny_processor.tokenizer.decode(enc["labels"][0][enc["labels"][0] != -100])
+    assert target.count("<tool_call>") == 1 and "<answer>" not in target
+    assert f'"{first.name}"' in target
+    assert data.env.calls == []  # the first move is the label: no tool ran for it
+    whole = ConversationDataset(cases, tiny_processor)[0]
+    assert whole["input_ids"].shape[1] > enc["input_ids"].shape[1]
+
+
 def test_short_sft_makes_greedy_output_a_valid_tool_call(tiny_sft, tiny_tool_mode):
     from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.contract import case_messages
