@@ -96,6 +96,7 @@ class AgentState(TypedDict, total=False):
     question: str | None  # input: the question to ask next (intake consumes it)
     messages: Annotated[list[dict[str, Any]], operator.add]
     masks: Annotated[dict[str, dict[str, Any]], _merge]  # mask id -> {"hash", "shape", "question"}
+    candidates: Annotated[dict[str, list[dict[str, Any]]], _merge]  # study -> the last detect call's candidates
     n_turns: int  # model turns for the current question
     pending: list[dict[str, Any]]  # tool calls of the last turn, for the tools node
     status: Status
@@ -208,6 +209,7 @@ def tool_context(state: AgentState, ctx: AgentContext, loaded: LoadedStudy) -> T
         study=loaded.study,
         prior=loaded.case.prior if loaded.case is not None else None,
         masks=masks,
+        candidates={k: list(v) for k, v in (state.get("candidates") or {}).items()},
         segmenter=ctx.segmenter,
         sam_checkpoint=ctx.sam_checkpoint,
         tool_mode=ctx.tool_mode,
@@ -368,7 +370,10 @@ def tools(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         mid: {**encode_mask(ctx.store, tctx.masks[mid]), "question": q} for mid in tctx.masks if mid not in before
     }
     status = "running" if state.get("n_turns", 0) < ctx.max_steps else "truncated"
-    return {"messages": out, "masks": new_masks, "pending": [], "status": status}
+    update = {"messages": out, "masks": new_masks, "pending": [], "status": status}
+    if tctx.candidates:
+        update["candidates"] = _json_safe(tctx.candidates)
+    return update
 
 
 def finish(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:

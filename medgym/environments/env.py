@@ -17,6 +17,7 @@ may read the case's structures: an upper bound); it is recorded in every trace.
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from medgym.environments.contract import (
     system_prompt,
     tool_schemas,
 )
-from medgym.environments.parsing import parse_action
+from medgym.environments.parsing import parse_action, parse_box
 from medgym.environments.recorder import EpisodeRecorder, RunSettings
 from medgym.environments.rewards import FORMAT_PENALTY, box_iou, mask_iou, score_parts, total_reward
 from medgym.environments.runner import CallRecord, run_calls, utf8
@@ -292,13 +293,20 @@ class MedVQAEnv(gym.Env):
             self.recorder = None
 
 
+CHOSEN_BOX = re.compile(r"segmented candidate \d+ box \[([^\]]*)\]")
+
+
 def prompt_boxes(records: list[CallRecord]) -> list[list[float]]:
-    """The boxes a model wrote into its segment prompts (what grounding on its own boxes scores)."""
+    """The boxes a model wrote into its segment prompts (what grounding on its own boxes scores); a detect
+    candidate chosen by number counts its box, as the segment result names it."""
     out = []
     for r in records:
         if r.name != "segment" or r.error or not isinstance(r.arguments, dict):
             continue
         box = r.arguments.get("box")
+        if box is None and r.arguments.get("candidate") is not None:
+            chosen = CHOSEN_BOX.search(r.text)
+            box = parse_box(f"[{chosen.group(1)}]") if chosen else None
         if isinstance(box, list) and len(box) == 4:
             out.append([float(v) for v in box])
     return out

@@ -3,9 +3,11 @@
 In **oracle** mode the expert names ground-truth structures (the case's recorded
 ``expert_calls``) and gives the known answer: an upper bound.
 
-In **predicted** mode it works as an annotator at a workstation would. It looks at the picture
-and draws a prompt box around each finding: the ground-truth box widened by 1-3 pixels per side,
-drawn from the case's seed — ground truth used *as an annotator's eye*, never handed to a tool.
+In **predicted** mode it works as an annotator at a workstation would. Before segmenting a lesion
+it runs ``detect`` (the automatic candidate list, from the pixels alone) and, where a listed
+candidate is the lesion it sees, prompts with that candidate's box; where none is, it draws its
+own: the ground-truth box widened by 1-3 pixels per side, drawn from the case's seed — ground
+truth used *as an annotator's eye* (to judge candidates, to draw boxes), never handed to a tool.
 Then it segments with the real segmenter, measures the predicted masks, and computes its answer
 from the numbers the tools printed. Ground truth only scores that answer, so segmentation error
 shows up as wrong answers.
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from medgym.environments.case import Case, ToolCall, box_text
+from medgym.environments.rewards import box_iou
 from medgym.environments.runner import MAX_CALLS_PER_TURN
 from medgym.environments.templates import (
     TEMPLATES,
@@ -36,6 +39,7 @@ from medgym.environments.templates import (
     zoom_on,
 )
 from medgym.tools.base import Study, mask_box
+from medgym.tools.detect import DetectArgs, candidates
 
 # Real-data questions with no honest predicted-mode path: counting or volumes of many-component or
 # whole-organ structures need an automatic segmenter (none ships offline), and tissue-at-point needs
@@ -65,6 +69,8 @@ MEASURE_KEYS = {
     "largest_nucleus_area": ("area_mm2", 1),
 }
 FOLLOW_UP = ("lesion_grown", "percent_change", "response_category")
+DETECT_LISTED = DetectArgs.model_fields["max_candidates"].default  # what a plain detect call lists
+CANDIDATE_MIN_IOU = 0.2  # a candidate is the lesion when its box holds the lesion's centre and overlaps this much
 Record = dict[str, Any]
 
 
@@ -85,6 +91,13 @@ def annotator_box(study: Study, mask: np.ndarray, rng: np.random.Generator) -> t
     return [max(0, x0 - int(m[0])), max(0, y0 - int(m[1])), min(w, x1 + int(m[2])), min(h, y1 + int(m[3]))], z
 
 
+def _holds(candidate: list[int], seen: list[int]) -> bool:
+    """Whether a candidate's box is the lesion's: it holds the lesion box's centre and overlaps it enough."""
+    cx, cy = (seen[0] + seen[2]) / 2, (seen[1] + seen[3]) / 2
+    inside = candidate[0] <= cx <= candidate[2] and candidate[1] <= cy <= candidate[3]
+    return inside and box_iou(candidate, seen) >= CANDIDATE_MIN_IOU
+
+
 class _Plan:
     """The predicted-mode calls of one case, with the mask ids they will get (segment numbers them in order)."""
 
@@ -93,12 +106,39 @@ class _Plan:
         self.rng = np.random.default_rng([int(case.seed or 0), 7919])
         self.calls: list[ToolCall] = []
         self.n_masks = 0
+        self.listed: dict[str, list[dict[str, Any]]] = {}
+        self.used: set[tuple[str, int]] = set()
 
-    def segment(self, study: Study, mask: np.ndarray, which: str = "current") -> str:
-        box, z = annotator_box(study, mask, self.rng)
-        args: dict[str, Any] = {"box": box}
+    def detect(self, study: Study, which: str = "current") -> list[dict[str, Any]]:
+        """Call detect once per study; the candidates it will list (the tool computes the same)."""
+        if which not in self.listed:
+            self.calls.append(ToolCall("detect", {} if which == "current" else {"study": which}))
+            self.listed[which] = candidates(study.image, study.modality)[:DETECT_LISTED]
+        return self.listed[which]
+
+    def candidate(self, study: Study, mask: np.ndarray, which: str) -> tuple[int, int | None] | None:
+        """The number and slice of the first listed candidate that is this lesion (box overlap on its slice), if any."""
+        for i, c in enumerate(self.detect(study, which)):
+            z = c["slice_index"]
+            plane = mask if z is None else mask[z]
+            seen = mask_box(plane) if plane.any() else None
+            if (which, i) not in self.used and seen is not None and _holds(c["box"], seen):
+                self.used.add((which, i))
+                return i + 1, z
+        return None
+
+    def segment(self, study: Study, mask: np.ndarray, which: str = "current", lesion: bool = False) -> str:
+        """Segment one object: a lesion by its detect candidate's number when one is listed, else the annotator's box."""
+        found = self.candidate(study, mask, which) if lesion else None
+        if found is not None:
+            args: dict[str, Any] = {"candidate": found[0]}
+            z = found[1]
+        else:
+            box, z = annotator_box(study, mask, self.rng)
+            args = {"box": box}
+            if z is not None:
+                args["slice_index"] = z  # a candidate carries its own slice
         if z is not None:
-            args["slice_index"] = z
             args["propagate"] = True  # the whole lesion in 3D, carried slice to slice from the prompt
         if which != "current":
             args["study"] = which
@@ -140,17 +180,15 @@ def expert_calls(case: Case, mode: str = "predicted") -> list[ToolCall]:
     if t in FOLLOW_UP and case.prior is not None:
         before = lesions(case.prior)
         if before:
-            plan.measure(plan.segment(case.prior, before[0], "prior"), "prior")
+            plan.measure(plan.segment(case.prior, before[0], "prior", lesion=True), "prior")
         if found:
-            plan.measure(plan.segment(study, found[0]))
+            plan.measure(plan.segment(study, found[0], lesion=True))
     elif t in ("lesion_present", "lesion_count"):
+        plan.detect(study)  # the candidate list, even when nothing is there to segment
         for m in found:
-            plan.segment(study, m)
-        if not found:  # a look over the whole picture before saying there is nothing
-            h, w = study.shape2d
-            plan.calls.append(ToolCall("zoom", {"boxes": [[0, 0, w, h]]}))
+            plan.segment(study, m, lesion=True)
     elif t in ("count_above_size", "larger_lesion_organ"):
-        ids = [plan.segment(study, m) for m in found]
+        ids = [plan.segment(study, m, lesion=True) for m in found]
         for mid in ids:
             plan.measure(mid)
         if t == "larger_lesion_organ":
@@ -160,19 +198,19 @@ def expert_calls(case: Case, mode: str = "predicted") -> list[ToolCall]:
     elif t == "nodule_follow_up" and found:
         if study.modality.upper() == "CT":
             plan.calls.append(ToolCall("window", {"preset": "lung"}))
-        plan.measure(plan.segment(study, found[0]), component=1)
+        plan.measure(plan.segment(study, found[0], lesion=True), component=1)
     elif t == "lesion_organ" and found:
-        mid = plan.segment(study, found[0])
+        mid = plan.segment(study, found[0], lesion=True)
         for _, oid in plan.segment_choices(study):
             plan.measure(mid, to=oid)
     elif t == "lesion_box" and found:
-        plan.segment(study, found[0])
+        plan.segment(study, found[0], lesion=True)
         box, _ = annotator_box(study, found[0], np.random.default_rng([int(case.seed or 0), 7919]))
         plan.calls.append(zoom_on(study, [float(v) for v in box]))
     elif t == "lesion_side" and found:
-        plan.segment(study, found[0])
+        plan.segment(study, found[0], lesion=True)
     elif (t in MEASURE_KEYS or t in ("density_category", "liver_size_class")) and found:
-        plan.measure(plan.segment(study, found[0]), component=1)
+        plan.measure(plan.segment(study, found[0], lesion=True), component=1)
     elif t in ("largest_nucleus_area", "largest_nucleus_box") and "nuclei" in study.structures:
         from medgym.tools.measure import components
 

@@ -172,8 +172,37 @@ def answer_reward(completions: list[Any], answer: list[str], answer_type: list[s
     return out
 
 
+LISTED_BOX = re.compile(r"(\d+): box \[([^\]]*)\]")
+
+
+def listed_boxes(text: str) -> dict[int, list[float]]:
+    """The numbered candidate boxes of a detect result's text (``1: box [x0, y0, x1, y1], ...``).
+
+    >>> listed_boxes("2 candidate(s) of 7, best first: 1: box [3, 4, 9, 12], area 5 mm2; 2: box [1, 1, 2, 2], ...")
+    {1: [3.0, 4.0, 9.0, 12.0], 2: [1.0, 1.0, 2.0, 2.0]}
+    """
+    out = {}
+    for number, inside in LISTED_BOX.findall(text):
+        box = parse_box(f"[{inside}]")
+        if box is not None:
+            out[int(number)] = [float(v) for v in box]
+    return out
+
+
+def _arguments(call: Any) -> dict[str, Any]:
+    args = call.get("arguments") if isinstance(call, dict) else None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = None
+    return args if isinstance(args, dict) else {}
+
+
 def written_boxes(completion: Any) -> list[list[float]]:
     """The boxes a model wrote in a completion: its segment prompts (structured or ``<tool_call>`` text), then its answer's.
+
+    A segment prompted with a detect candidate's number counts that candidate's box: the model chose it.
 
     >>> written_boxes([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "segment",
     ...     "arguments": {"box": [1, 2, 3, 4]}}}]}, {"role": "tool", "content": "..."},
@@ -182,19 +211,32 @@ def written_boxes(completion: Any) -> list[list[float]]:
     """
     messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
     boxes: list[list[float]] = []
+    listed: dict[str, dict[int, list[float]]] = {}  # study -> the last detect result's numbered boxes
+    detected: list[str] = []  # studies of detect calls whose results are still to come, in order
     for m in messages:
-        if not isinstance(m, dict) or m.get("role", "assistant") != "assistant":
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "tool":
+            found = listed_boxes(completion_text(m)) if detected else {}
+            if found:
+                listed[detected.pop(0)] = found
+            elif detected and "detect" in str(m.get("name", "detect")):
+                detected.pop(0)
+            continue
+        if m.get("role", "assistant") != "assistant":
             continue
         calls = [c.get("function", c) for c in m.get("tool_calls") or [] if isinstance(c, dict)]
         calls += parse_action(completion_text(m)).calls
         for c in calls:
-            args = c.get("arguments") if isinstance(c, dict) else None
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except ValueError:
-                    args = None
-            box = args.get("box") if isinstance(args, dict) and c.get("name") == "segment" else None
+            name, args = c.get("name") if isinstance(c, dict) else None, _arguments(c)
+            if name == "detect":
+                detected.append(str(args.get("study", "current")))
+            if name != "segment":
+                continue
+            box = args.get("box")
+            number = args.get("candidate")
+            if box is None and isinstance(number, int):
+                box = listed.get(str(args.get("study", "current")), {}).get(number)
             if isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box):
                 boxes.append([float(v) for v in box])
     final = parse_action(completion_text(completion))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medgym.tools import measure, retrieve, segment, window, zoom
+from medgym.tools import detect, measure, retrieve, segment, window, zoom
 from medgym.tools.base import (
     Study,
     ToolContext,
@@ -13,7 +13,7 @@ from medgym.tools.base import (
 )
 
 TOOLS: dict[str, ToolSpec] = {
-    spec.name: spec for spec in (zoom.SPEC, window.SPEC, segment.SPEC, measure.SPEC, retrieve.SPEC)
+    spec.name: spec for spec in (zoom.SPEC, window.SPEC, detect.SPEC, segment.SPEC, measure.SPEC, retrieve.SPEC)
 }
 
 __all__ = ["TOOLS", "Study", "ToolContext", "ToolInputError", "ToolResult", "ToolSpec", "run_tool"]

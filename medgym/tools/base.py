@@ -133,6 +133,8 @@ class ToolContext:
     study: Study
     prior: Study | None = None
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    # The candidates the last ``detect`` call listed, per study ("current", "prior"): segment takes one by number.
+    candidates: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     segmenter: str = "medsam"
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"

@@ -103,8 +103,9 @@ def check_tool(spec: ToolSpec, make_ctx: Callable[[], ToolContext]) -> list[str]
     if spec.examples:
         base = spec.examples[0]
         bad.append({**base, "no_such_field": 1})
-        first_field = next(iter(base))
-        bad.append({**base, first_field: {"wrong": "type"}})
+        first_field = next(iter(base or spec.input_model.model_fields), None)
+        if first_field is not None:
+            bad.append({**base, first_field: {"wrong": "type"}})
         for name in _numeric_fields(spec):
             bad.append({**base, name: math.nan})
     bad += list(spec.bad_examples)

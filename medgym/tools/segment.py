@@ -1,6 +1,7 @@
-"""segment: make a mask from a box, a point or a named structure, and store it for later tools.
+"""segment: make a mask from a box, a point, a detect candidate or a named structure, and store it.
 
-Box and point prompts run the segmentation backend chosen by ``ToolContext.segmenter``
+A candidate prompt (``{"candidate": k}``) is the box, on its slice, of the k-th candidate the last
+``detect`` call listed on that study. Box, point and candidate prompts run the segmentation backend chosen by ``ToolContext.segmenter``
 (see :mod:`medgym.tools.segmenters`) on one 2D plane. A named structure is read from
 the case's label map, so it is exact, and for 3D studies it is the whole 3D mask.
 The mask is kept in ``ctx.masks`` under a new id (``mask_1`` ...) that ``measure``
@@ -49,6 +50,13 @@ class SegmentArgs(ToolArgs):
         max_length=2,
         description="A point [x, y] in pixels inside the object to segment (x is the column, y the row).",
     )
+    candidate: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="The number of a candidate listed by the last detect call on this study: its box, on its "
+        "slice, is the prompt.",
+    )
     structure: str | None = Field(
         default=None,
         description="Oracle mode only (an upper bound): the name of a ground-truth structure listed in the "
@@ -66,10 +74,10 @@ class SegmentArgs(ToolArgs):
 
     @model_validator(mode="after")
     def _one_prompt(self) -> SegmentArgs:
-        given = [k for k in ("box", "point", "structure") if getattr(self, k) is not None]
+        given = [k for k in ("box", "point", "candidate", "structure") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of box, point or structure (got {', '.join(given) or 'none'}); "
+                f"give exactly one of box, point, candidate or structure (got {', '.join(given) or 'none'}); "
                 "call segment once per prompt"
             )
         return self
@@ -147,6 +155,22 @@ def propagate(ctx: ToolContext, study: Any, mask: np.ndarray, z: int) -> None:
             prev, k = nxt, k + step
 
 
+def _candidate(args: SegmentArgs, ctx: ToolContext) -> tuple[list[float], int | None, str]:
+    """The box and slice of a candidate the last detect call listed on the study, and its label."""
+    listed = ctx.candidates.get(args.study)
+    if not listed:
+        raise ToolInputError(f"no candidates listed on the {args.study} study yet: call detect first.")
+    if args.candidate > len(listed):
+        raise ToolInputError(f"candidate {args.candidate} was not listed: detect listed {len(listed)}.")
+    c = listed[args.candidate - 1]
+    if args.slice_index is not None and args.slice_index != c["slice_index"]:
+        raise ToolInputError(
+            f"candidate {args.candidate} is on slice {c['slice_index']}, not {args.slice_index}: omit slice_index."
+        )
+    box = [float(v) for v in c["box"]]
+    return box, c["slice_index"], f"candidate {args.candidate} box {[round(v) for v in box]}"
+
+
 def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
     study = ctx.get_study(args.study)
     prompt_box: list[float] | None = None
@@ -174,13 +198,16 @@ def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
             )
         z = _largest_slice(mask) if mask.ndim == 3 else None
     else:
-        z = study.resolve_slice(args.slice_index)
+        box, slice_index, label = args.box, args.slice_index, None
+        if args.candidate is not None:
+            box, slice_index, label = _candidate(args, ctx)
+        z = study.resolve_slice(slice_index)
         plane = study.plane(z)
         h, w = study.shape2d
-        if args.box is not None:
-            prompt_box = [float(v) for v in check_box(args.box, (h, w))]
+        if box is not None:
+            prompt_box = [float(v) for v in check_box(box, (h, w))]
             mask2d = segment_plane(ctx, plane, study.modality, box=tuple(prompt_box))
-            label = f"box {[round(v) for v in args.box]}"
+            label = label or f"box {[round(v) for v in box]}"
         else:
             x, y = args.point
             if not (0 <= x < w and 0 <= y < h):
@@ -227,8 +254,8 @@ def segment(args: SegmentArgs, ctx: ToolContext) -> ToolResult:
 SPEC = ToolSpec(
     name="segment",
     description="Segment one object from a prompt and store its mask (returns a mask id such as 'mask_1' for "
-    "measure). Prompt with exactly one of: a box around the object or a point inside it (the segmenter reads the "
-    "pixels), or - in oracle mode only - the name of a ground-truth structure. Reports each connected component's "
+    "measure). Prompt with exactly one of: a box around the object, a point inside it, or the number of a "
+    "candidate that detect listed (the segmenter reads the pixels), or - in oracle mode only - the name of a ground-truth structure. Reports each connected component's "
     "box and area, and shows the mask overlaid on the image.",
     input_model=SegmentArgs,
     fn=segment,
@@ -237,5 +264,6 @@ SPEC = ToolSpec(
         {"box": [900, 900, 1000, 1000]},
         {"structure": "no_such"},
         {"box": [1, 2, 3, 4], "structure": "lesion_1"},
+        {"candidate": 1},
     ),
 )

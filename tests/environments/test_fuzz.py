@@ -175,9 +175,13 @@ TOOL_ARGS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             **where,
         ),
     ),
+    "detect": _args(_with({}, max_candidates=mostly(st.integers(1, 10), st.integers(-2, 20) | numbers), **where)),
     "segment": _args(
         _with({"box": good_box}, propagate=st.booleans() | json_leaf, **where),
         _with({"point": good_point}, propagate=st.booleans(), **where),
+        _with(
+            {"candidate": mostly(st.integers(1, 10), st.integers(-2, 12) | numbers)}, propagate=st.booleans(), **where
+        ),
         _with({"structure": structure_name}, **where),
         _with({}, box=any_box, point=good_point, structure=structure_name, **where),
     ),

@@ -108,11 +108,14 @@ def test_segment_propagates_a_slice_prompt_through_a_volume():
     case = source.case(3)
     truth = case.study.structures["lesion_1"]
     calls = expert_calls(case, "predicted")
-    assert calls[0].arguments.get("propagate") is True
+    first = next(i for i, c in enumerate(calls) if c.name == "segment")
+    assert calls[first].arguments.get("propagate") is True
     from medgym.tools import ToolContext
 
     ctx = ToolContext(study=case.study, segmenter="threshold")
-    seg = run_tool(TOOLS, "segment", calls[0].arguments, ctx)
+    for call in calls[:first]:  # the detect call whose candidate the segment prompt names
+        run_tool(TOOLS, call.name, call.arguments, ctx)
+    seg = run_tool(TOOLS, "segment", calls[first].arguments, ctx)
     mask = ctx.masks[seg.data["mask_id"]]
     assert (mask.sum(axis=(1, 2)) > 0).sum() > 1  # more slices than the prompted one
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
@@ -131,7 +134,10 @@ def test_grounding_reward_scores_the_boxes_the_model_wrote():
         {"role": "assistant", "content": "<answer>12.0</answer>"},
     ]
     looked_up = [
-        {"role": "assistant", "content": '<tool_call>{"name": "zoom", "arguments": {"boxes": [[0, 0, 9, 9]]}}</tool_call>'},
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "zoom", "arguments": {"boxes": [[0, 0, 9, 9]]}}</tool_call>',
+        },
         {"role": "tool", "content": "mask_1: ... component 1 box [40, 40, 60, 60]"},
         {"role": "assistant", "content": "<answer>12.0</answer>"},
     ]
