@@ -37,11 +37,11 @@ def zoo_model(zoo_dir):
 
 
 @pytest.fixture(scope="session")
-def zoom_case():
-    """A phantom case whose predicted-mode expert calls ``zoom`` (an image-returning tool) and then answers."""
+def look_case():
+    """A phantom case whose predicted-mode expert calls ``detect`` (it returns a picture) and then answers."""
     from medgym.environments.expert import expert_calls
     from medgym.environments.sources import PhantomSource
 
     case = PhantomSource().case(25)
-    assert [c.name for c in expert_calls(case, "predicted")] == ["zoom"]
+    assert [c.name for c in expert_calls(case, "predicted")] == ["detect"]
     return case

@@ -27,6 +27,7 @@ from medgym.models.contract_check import (
     probe_messages,
 )
 from medgym.models.zoo import chat_template
+from medgym.tools import TOOLS
 
 
 def qwen_style(*, tools=True, tool_images=True, placeholder_repeat=1, strip_earlier_thoughts=False) -> str:
@@ -90,7 +91,7 @@ BROKEN = {
     "d_ignores_tools": (
         qwen_style(tools=False),
         "tools",
-        ERR_TOOLS_MISSING.format(missing="measure, retrieve, segment, window, zoom"),
+        ERR_TOOLS_MISSING.format(missing=", ".join(sorted(TOOLS))),
         FIX_TEMPLATE.format(template="trl/qwen3_vl", arch="qwen2_vl"),
         "trl/qwen3_vl",
     ),

@@ -163,25 +163,25 @@ def assert_vision_tower_trained(grads: dict[str, float], before: dict, params: d
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_sft_step_trains_the_vision_tower_on_a_tool_image(arch, zoo_model, zoom_case, tmp_path):
+def test_sft_step_trains_the_vision_tower_on_a_tool_image(arch, zoo_model, look_case, tmp_path):
     from medgym.rl.config import SFTConfig
     from medgym.rl.sft import ConversationDataset, SharedPrefixSFTTrainer, has_multimodal_rope
 
     model, processor = zoo_model(arch)
-    dataset = ConversationDataset([zoom_case], processor)  # predicted mode: the expert zooms, then answers
+    dataset = ConversationDataset([look_case], processor)  # predicted mode: the expert runs detect, then answers
     example = dataset[0]
     ids, labels = example["input_ids"][0], example["labels"][0]
 
-    # The question's picture and the tool's crop: as many placeholders as the vision tower makes rows.
+    # The question's picture and the tool's picture (the candidates drawn): as many placeholders as the vision tower makes rows.
     image_at = (ids == model.config.image_token_id).nonzero().flatten()
     with torch.no_grad():
         rows = feature_rows(model.model.get_image_features(**image_inputs(model, example)))
     assert len(image_at) == rows == 2 * IMAGE_TOKENS
     first_label = int((labels != -100).nonzero()[0])
-    assert int(image_at[-1]) > first_label  # the crop sits after the assistant's call: inside the tool turn
+    assert int(image_at[-1]) > first_label  # the tool picture sits after the assistant's call: inside the tool turn
     # Only the assistant's turns are trained on: the call and the answer, each with its end-of-turn token.
     target = processor.tokenizer.decode(labels[labels != -100])
-    assert '"name": "zoom"' in target and "<answer>" in target and "[zoom]" not in target
+    assert '"name": "detect"' in target and "<answer>" in target and "[detect]" not in target
 
     args = SFTConfig(
         output_dir=str(tmp_path / "sft"),
