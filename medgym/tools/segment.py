@@ -1,8 +1,8 @@
 """segment: make a mask from a box, a point, a detect candidate or a named structure, and store it.
 
 A candidate prompt (``{"candidate": k}``) is the box, on its slice, of the k-th candidate the last
-``detect`` call listed on that study. Box, point and candidate prompts run the segmentation backend chosen by ``ToolContext.segmenter``
-(see :mod:`medgym.tools.segmenters`) on one 2D plane. A named structure is read from
+``detect`` call listed on that study. Box, point and candidate prompts run the segmentation
+backend chosen by ``ToolContext.segmenter`` (see :mod:`medgym.tools.segmenters`) on one 2D plane. A named structure is read from
 the case's label map, so it is exact, and for 3D studies it is the whole 3D mask.
 The mask is kept in ``ctx.masks`` under a new id (``mask_1`` ...) that ``measure``
 and other tools accept.
@@ -163,7 +163,7 @@ def _candidate(args: SegmentArgs, ctx: ToolContext) -> tuple[list[float], int | 
     if args.candidate > len(listed):
         raise ToolInputError(f"candidate {args.candidate} was not listed: detect listed {len(listed)}.")
     c = listed[args.candidate - 1]
-    if args.slice_index is not None and args.slice_index != c["slice_index"]:
+    if c["slice_index"] is not None and args.slice_index not in (None, c["slice_index"]):
         raise ToolInputError(
             f"candidate {args.candidate} is on slice {c['slice_index']}, not {args.slice_index}: omit slice_index."
         )
