@@ -108,7 +108,7 @@ def tool_schemas() -> list[dict[str, Any]]:
     """The tools as every model sees them (``tools=`` of a chat template or an OpenAI request).
 
     >>> [s["function"]["name"] for s in tool_schemas()]
-    ['measure', 'retrieve', 'segment', 'window', 'zoom']
+    ['detect', 'measure', 'retrieve', 'segment', 'window', 'zoom']
     """
     import json
 

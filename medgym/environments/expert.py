@@ -5,8 +5,8 @@ In **oracle** mode the expert names ground-truth structures (the case's recorded
 
 In **predicted** mode it works as an annotator at a workstation would. Before segmenting a lesion
 it runs ``detect`` (the automatic candidate list, from the pixels alone) and, where a listed
-candidate is the lesion it sees, prompts with that candidate's box; where none is, it draws its
-own: the ground-truth box widened by 1-3 pixels per side, drawn from the case's seed — ground
+candidate fits the lesion it sees about as tightly as its own box would, names that candidate;
+where none does, it draws its own: the ground-truth box widened by 1-3 pixels per side, drawn from the case's seed — ground
 truth used *as an annotator's eye* (to judge candidates, to draw boxes), never handed to a tool.
 Then it segments with the real segmenter, measures the predicted masks, and computes its answer
 from the numbers the tools printed. Ground truth only scores that answer, so segmentation error
@@ -70,7 +70,9 @@ MEASURE_KEYS = {
 }
 FOLLOW_UP = ("lesion_grown", "percent_change", "response_category")
 DETECT_LISTED = DetectArgs.model_fields["max_candidates"].default  # what a plain detect call lists
-CANDIDATE_MIN_IOU = 0.2  # a candidate is the lesion when its box holds the lesion's centre and overlaps this much
+# A candidate is the lesion's prompt when its box holds the lesion's centre and fits it about as tightly as
+# the annotator's own box would (a looser one segments more than the lesion: measurements drift).
+CANDIDATE_MIN_IOU = 0.65
 Record = dict[str, Any]
 
 

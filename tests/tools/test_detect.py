@@ -80,7 +80,7 @@ def test_a_slice_of_a_volume_and_bad_slices() -> None:
 
 
 def test_the_expert_segments_the_listed_candidate_by_number() -> None:
-    case = PhantomSource(templates=["longest_diameter"]).case(5)
+    case = PhantomSource(templates=["longest_diameter"]).case(6)
     calls = expert_calls(case, "predicted")
     assert [c.name for c in calls][:3] == ["detect", "segment", "measure"]
     assert calls[1].arguments == {"candidate": 1}
@@ -90,6 +90,9 @@ def test_the_expert_segments_the_listed_candidate_by_number() -> None:
     assert f"segmented candidate 1 box {listed[0]}" in seg.text
     lesion = mask_box(lesions(case.study)[0])
     assert box_iou(seg.data["box"], lesion) > 0.5  # the mask the candidate prompted is the lesion's
+    # where no listed box fits the lesion as tightly as an annotator's would, the expert draws its own
+    loose = expert_calls(PhantomSource(templates=["longest_diameter"]).case(5), "predicted")
+    assert [c.name for c in loose][:2] == ["detect", "segment"] and "box" in loose[1].arguments
 
 
 def test_segment_by_candidate_needs_a_listing_and_keeps_to_it() -> None:
