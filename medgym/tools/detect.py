@@ -46,13 +46,12 @@ class DetectArgs(ToolArgs):
     study: StudyName = StudyField
 
 
-def _residual(plane: np.ndarray) -> np.ndarray:
-    """The smoothed plane minus its local background (a median over a sixth of the image)."""
-    smooth = ndimage.gaussian_filter(plane.astype(np.float64), 1.0)
+def _residual(smooth: np.ndarray) -> np.ndarray:
+    """A smoothed plane minus its local background (a median over a sixth of the image)."""
     small = smooth[::REDUCE, ::REDUCE]
     size = max(3, min(small.shape) // WINDOW_FRACTION)
     background = ndimage.median_filter(small, size=size, mode="nearest")
-    background = np.repeat(np.repeat(background, REDUCE, axis=0), REDUCE, axis=1)[: plane.shape[0], : plane.shape[1]]
+    background = np.repeat(np.repeat(background, REDUCE, axis=0), REDUCE, axis=1)[: smooth.shape[0], : smooth.shape[1]]
     return smooth - background
 
 
@@ -69,9 +68,9 @@ def _middle_slice(comp: np.ndarray) -> int:
 def candidates(image: np.ndarray, modality: str = "CT") -> list[dict[str, Any]]:
     """Candidate regions of a 2D plane or 3D volume, ranked by contrast (see the module text)."""
     volume = image[None] if image.ndim == 2 else image
-    residual = np.stack([_residual(p) for p in volume])
-    noise = _noise(residual)
     smooth = np.stack([ndimage.gaussian_filter(p.astype(np.float64), 1.0) for p in volume])
+    residual = np.stack([_residual(p) for p in smooth])
+    noise = _noise(residual)
     h, w = volume.shape[1:]
     found: list[dict[str, Any]] = []
     plane_structure = np.zeros((3, 3, 3), dtype=bool)
