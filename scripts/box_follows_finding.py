@@ -17,16 +17,12 @@ import sys
 
 import numpy as np
 
-from medgym.environments.env import CHOSEN_BOX
-from medgym.environments.parsing import parse_box
+from medgym.environments.env import segment_prompt_box
 
 
 def prompt_box(call: dict) -> list | None:
-    """A segment call's prompt box: the one written, or the detect candidate's it chose (named in the result)."""
-    if "box" in call["arguments"]:
-        return call["arguments"]["box"]
-    chosen = CHOSEN_BOX.search(call.get("text") or "") if "candidate" in call["arguments"] else None
-    return parse_box(f"[{chosen.group(1)}]") if chosen else None
+    """A recorded segment call's prompt box (see :func:`medgym.environments.env.segment_prompt_box`)."""
+    return segment_prompt_box(call["arguments"], call.get("text") or "")
 
 
 def first_prompt_boxes(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -296,6 +296,16 @@ class MedVQAEnv(gym.Env):
 CHOSEN_BOX = re.compile(r"segmented candidate \d+ box \[([^\]]*)\]")
 
 
+def segment_prompt_box(arguments: dict[str, Any], text: str) -> list[float] | None:
+    """A segment call's prompt box: the box it wrote, or the detect candidate's it chose by number (the result
+    names that box)."""
+    box = arguments.get("box")
+    if box is None and arguments.get("candidate") is not None:
+        chosen = CHOSEN_BOX.search(text or "")
+        box = parse_box(f"[{chosen.group(1)}]") if chosen else None
+    return box
+
+
 def prompt_boxes(records: list[CallRecord]) -> list[list[float]]:
     """The boxes a model wrote into its segment prompts (what grounding on its own boxes scores); a detect
     candidate chosen by number counts its box, as the segment result names it."""
@@ -303,10 +313,7 @@ def prompt_boxes(records: list[CallRecord]) -> list[list[float]]:
     for r in records:
         if r.name != "segment" or r.error or not isinstance(r.arguments, dict):
             continue
-        box = r.arguments.get("box")
-        if box is None and r.arguments.get("candidate") is not None:
-            chosen = CHOSEN_BOX.search(r.text)
-            box = parse_box(f"[{chosen.group(1)}]") if chosen else None
+        box = segment_prompt_box(r.arguments, r.text)
         if isinstance(box, list) and len(box) == 4:
             out.append([float(v) for v in box])
     return out
