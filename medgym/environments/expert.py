@@ -93,18 +93,19 @@ def annotator_box(study: Study, mask: np.ndarray, rng: np.random.Generator) -> t
     return [max(0, x0 - int(m[0])), max(0, y0 - int(m[1])), min(w, x1 + int(m[2])), min(h, y1 + int(m[3]))], z
 
 
-def _holds(candidate: list[int], seen: list[int]) -> bool:
-    """Whether a candidate's box is the lesion's: it holds the lesion box's centre and overlaps it enough."""
+def _holds(candidate: list[int], seen: list[int], min_iou: float = CANDIDATE_MIN_IOU) -> bool:
+    """Whether a candidate's box is the lesion's: it holds the lesion box's centre and overlaps it by ``min_iou``."""
     cx, cy = (seen[0] + seen[2]) / 2, (seen[1] + seen[3]) / 2
     inside = candidate[0] <= cx <= candidate[2] and candidate[1] <= cy <= candidate[3]
-    return inside and box_iou(candidate, seen) >= CANDIDATE_MIN_IOU
+    return inside and box_iou(candidate, seen) >= min_iou
 
 
 class _Plan:
     """The predicted-mode calls of one case, with the mask ids they will get (segment numbers them in order)."""
 
-    def __init__(self, case: Case):
+    def __init__(self, case: Case, candidate_iou: float = CANDIDATE_MIN_IOU):
         self.case = case
+        self.candidate_iou = candidate_iou
         self.rng = np.random.default_rng([int(case.seed or 0), 7919])
         self.calls: list[ToolCall] = []
         self.n_masks = 0
@@ -124,7 +125,7 @@ class _Plan:
             z = c["slice_index"]
             plane = mask if z is None else mask[z]
             seen = mask_box(plane) if plane.any() else None
-            if (which, i) not in self.used and seen is not None and _holds(c["box"], seen):
+            if (which, i) not in self.used and seen is not None and _holds(c["box"], seen, self.candidate_iou):
                 self.used.add((which, i))
                 return i + 1, z
         return None
@@ -172,11 +173,16 @@ def _roi_box(study: Study) -> list[int] | None:
     return [int(v) for v in mask_box(roi if roi.ndim == 2 else roi.any(axis=0))]
 
 
-def expert_calls(case: Case, mode: str = "predicted") -> list[ToolCall]:
-    """The expert's calls for a tool mode (oracle: the case's recorded calls)."""
+def expert_calls(case: Case, mode: str = "predicted", candidate_iou: float = CANDIDATE_MIN_IOU) -> list[ToolCall]:
+    """The expert's calls for a tool mode (oracle: the case's recorded calls).
+
+    ``candidate_iou``: how tightly a listed detect candidate must fit the lesion for the expert to
+    segment it by number rather than draw its own box (0.2 names nearly every listed lesion; the
+    default draws a box wherever the candidate's would measure worse).
+    """
     if mode == "oracle" or case.source == "vqa":
         return list(case.expert_calls)
-    plan = _Plan(case)
+    plan = _Plan(case, candidate_iou)
     study, t = case.study, case.template
     found = lesions(study)
     if t in FOLLOW_UP and case.prior is not None:

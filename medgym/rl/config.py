@@ -125,9 +125,30 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
         "alone -- where to look (the box of the first segment or zoom) -- on short sequences.",
         default=0,
     )
+    answer_weight: float = _help(
+        "Weight of the answer turn's tokens in the loss against the calls' (1: all alike). The answer is a few "
+        "tokens of each conversation; weighing it up teaches copying a number from a tool result into it.",
+        default=1.0,
+    )
+    counterfactual_answers: float = _help(
+        "Share of conversations whose numeric answer, printed once by a tool, is swapped for a random number "
+        "in both places (medgym.rl.conversation.counterfactual_answer): only copying from the result answers it.",
+        default=0.0,
+    )
+    expert_candidate_iou: float | None = _help(
+        "How tightly a detect candidate must fit the lesion for the expert to segment it by number (IoU); "
+        "unset: the expert's own rule (0.65). 0.2 names nearly every listed lesion by number.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         self.check_medgym()
+        if self.answer_weight <= 0:
+            raise ValueError(f"answer_weight must be positive; got {self.answer_weight}")
+        if not 0 <= self.counterfactual_answers <= 1:
+            raise ValueError(f"counterfactual_answers must be within [0, 1]; got {self.counterfactual_answers}")
+        if self.expert_candidate_iou is not None and not 0 < self.expert_candidate_iou <= 1:
+            raise ValueError(f"expert_candidate_iou must be in (0, 1]; got {self.expert_candidate_iou}")
         if self.size not in EMBEDDED_SIZES:
             raise ValueError(f"size must be one of {sorted(EMBEDDED_SIZES)}; got {self.size!r}")
         if self.tokenizer_cases <= 0 or self.vocab_size < 512:

@@ -17,6 +17,7 @@ Images are letterboxed into ``POLICY_IMAGE_SIZE`` squares (128 x 128: 16 image t
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,21 +81,25 @@ def expert_conversation(
     tool_mode: str | None = None,
     system: str | None = None,
     turns: int = 0,
+    candidate_iou: float | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """The expert episode of a case as chat messages (multimodal content blocks); also the number of pictures.
 
     The calls run through the bridge (the one call runner); in predicted mode the expert's answer is
     computed from the results it read (:func:`medgym.environments.templates.expert_answer`).
     ``turns`` > 0 ends the episode at its ``turns``-th assistant message (no tool runs after it).
+    ``candidate_iou`` overrides the expert's rule for segmenting a detect candidate by number
+    (:func:`medgym.environments.expert.expert_calls`).
     """
-    from medgym.environments.expert import expert_answer, expert_calls
+    from medgym.environments.expert import CANDIDATE_MIN_IOU, expert_answer, expert_calls
     from medgym.rl.bridge import MedGymToolEnv, start_case
 
     env = env or MedGymToolEnv(tool_mode=tool_mode or DEFAULT_TOOL_MODE)
     mode = tool_mode or env.tool_mode
     start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
     messages = multimodal_prompt(case, mode, system)
-    for made, call in enumerate(expert_calls(case, mode), start=1):
+    rule = CANDIDATE_MIN_IOU if candidate_iou is None else candidate_iou
+    for made, call in enumerate(expert_calls(case, mode, rule), start=1):
         messages.append(
             {
                 "role": "assistant",
@@ -118,3 +123,66 @@ def expert_conversation(
 
 def count_images(messages: list[dict[str, Any]]) -> int:
     return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")
+
+
+def _number_pattern(value: str) -> str:
+    """A regex for ``value`` standing as a whole number (not inside a longer one)."""
+    return rf"(?<![\d.]){re.escape(value)}(?![\d]|\.\d)"
+
+
+def counterfactual_answer(messages: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]] | None:
+    """The conversation with its answer's number swapped for a random one, in the answer and in the tool results that printed it.
+
+    The answer of a measurement question is a number a tool printed (``measure``'s area, diameter,
+    mean); a policy trained on real conversations alone can score well on the loss by answering
+    typical values. With the number replaced in both places (same sign, same decimals, a value a
+    tool could print), only copying it from the tool result gives the answer (``segment`` and
+    ``measure`` both print a mask's area: every printing changes). None when the answer is not a
+    number the tools printed (classes, counts, percent changes computed from two results) -- those
+    conversations stay as they are.
+
+    >>> msgs = [{"role": "tool", "content": [{"type": "text", "text": "[measure] area 12.5 mm2, mean 40.1 HU"}]},
+    ...         {"role": "assistant", "content": [{"type": "text", "text": "<answer>12.5</answer>"}]}]
+    >>> out = counterfactual_answer(msgs, np.random.default_rng(0))
+    >>> new = re.search(r"<answer>(.*)</answer>", out[-1]["content"][0]["text"]).group(1)
+    >>> new != "12.5" and f"area {new} mm2, mean 40.1 HU" in out[0]["content"][0]["text"]
+    True
+    >>> counterfactual_answer(msgs[:1] + [{"role": "assistant", "content": [{"type": "text", "text": "<answer>B</answer>"}]}],
+    ...                       np.random.default_rng(0)) is None
+    True
+    """
+    final = messages[-1]["content"][0]["text"] if messages and messages[-1]["role"] == "assistant" else ""
+    found = re.search(r"<answer>\s*(-?\d+(?:\.\d+)?)\s*</answer>", final)
+    if not found:
+        return None
+    value = found.group(1)
+    hits = [
+        (i, j)
+        for i, m in enumerate(messages)
+        if m["role"] == "tool" and isinstance(m["content"], list)
+        for j, part in enumerate(m["content"])
+        if part.get("type") == "text"
+        for _ in re.finditer(_number_pattern(value), part["text"])
+    ]
+    if not hits:
+        return None
+    decimals = len(value.split(".")[1]) if "." in value else 0
+    magnitude = max(abs(float(value)), 1.0)
+    for _ in range(10):
+        drawn = float(rng.uniform(0.2, 3.0)) * magnitude * (-1 if value.startswith("-") else 1)
+        new = f"{drawn:.{decimals}f}"
+        if new != value:
+            break
+    else:
+        return None
+    out = [dict(m) for m in messages]
+    for i in sorted({i for i, _ in hits}):
+        parts = [dict(p) for p in out[i]["content"]]
+        for j in {j for k, j in hits if k == i}:
+            parts[j]["text"] = re.sub(_number_pattern(value), new, parts[j]["text"])
+        out[i]["content"] = parts
+    out[-1] = {
+        **out[-1],
+        "content": [{"type": "text", "text": final.replace(found.group(0), f"<answer>{new}</answer>", 1)}],
+    }
+    return out

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from transformers import Trainer
 
@@ -38,7 +39,7 @@ from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_ca
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE, tool_schemas
 from medgym.rl.bridge import MedGymToolEnv
-from medgym.rl.conversation import expert_conversation, multimodal_prompt
+from medgym.rl.conversation import counterfactual_answer, expert_conversation, multimodal_prompt
 
 if TYPE_CHECKING:
     from medgym.rl.config import SFTConfig
@@ -153,15 +154,54 @@ def shared_prefix_length(examples: list[dict[str, Any]], turn_start: int) -> int
     return cut
 
 
-def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> torch.Tensor:
+def answer_weights(labels: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """Per-token loss weights: ``answer_weight`` on the last assistant turn (the answer), 1 on other labels, 0 elsewhere.
+
+    >>> answer_weights(torch.tensor([[-100, 5, 6, -100, -100, 7, 8]]), 4.0).tolist()
+    [[0.0, 1.0, 1.0, 0.0, 0.0, 4.0, 4.0]]
+    """
+    labelled = labels != -100
+    weights = labelled.to(torch.float32)
+    for row in range(labels.shape[0]):
+        where = labelled[row].nonzero().flatten()
+        if not len(where):
+            continue
+        gaps = (where[1:] - where[:-1] > 1).nonzero().flatten()
+        start = int(where[int(gaps[-1]) + 1]) if len(gaps) else int(where[0])
+        weights[row, start:] = weights[row, start:] * answer_weight
+    return weights
+
+
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged with ``weights`` (of the labels' positions); plain mean when all are 1."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+    )
+    w = weights[:, 1:].flatten()
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def _example_loss(model, answer_weight: float, **inputs: Any) -> torch.Tensor:
+    """One example's loss: the model's own when every label weighs the same, else :func:`weighted_token_loss`."""
+    if answer_weight == 1.0:
+        return model(**inputs).loss
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits
+    return weighted_token_loss(logits, labels, answer_weights(labels, answer_weight))
+
+
+def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int, answer_weight: float = 1.0) -> torch.Tensor:
     """Mean next-token loss of the examples, running their common ``prefix`` tokens once.
 
     The prefix's keys and values are computed once (with gradient) and reused by each example's
     suffix; the suffix gets its multimodal RoPE positions from the whole sequence, so the loss
     equals the full forward's (``tests/rl/test_sft.py`` checks losses and gradients).
+    ``answer_weight`` > 1 weighs the answer turn's tokens that much more than the calls' (the answer
+    is a few tokens of a conversation's labels; copying a number from a tool result into it is
+    learnt from those few alone).
     """
     if prefix == 0:
-        return sum(model(**ex).loss for ex in examples) / len(examples)
+        return sum(_example_loss(model, answer_weight, **ex) for ex in examples) / len(examples)
     keyword = cache_keyword(model)
     kv = prefix_kv(model, examples[0]["input_ids"][0, :prefix])
     total = torch.zeros((), device=kv[0][0].device)
@@ -172,8 +212,16 @@ def shared_prefix_loss(model, examples: list[dict[str, Any]], prefix: int) -> to
         cache = kv_cache(model, kv)
         suffix = {k: ex[k][:, prefix:] for k in ("input_ids", "mm_token_type_ids", "labels")}
         images = {k: ex[k] for k in ("pixel_values", "image_grid_thw") if k in ex}
-        out = model(**suffix, **images, position_ids=positions[:, :, prefix:], use_cache=True, **{keyword: cache})
-        total = total + out.loss
+        loss = _example_loss(
+            model,
+            answer_weight,
+            **suffix,
+            **images,
+            position_ids=positions[:, :, prefix:],
+            use_cache=True,
+            **{keyword: cache},
+        )
+        total = total + loss
     return total / len(examples)
 
 
@@ -193,9 +241,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         tool_mode: str = DEFAULT_TOOL_MODE,
         segmenter: str = "threshold",
         turns: int = 0,
+        candidate_iou: float | None = None,
+        counterfactual: float = 0.0,
     ):
         self.cases = cases
         self.turns = turns
+        self.candidate_iou = candidate_iou
+        self.counterfactual = counterfactual
         self.processor = processor
         self.with_tools = with_tools
         self.tool_mode = tool_mode
@@ -213,7 +265,12 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _encode(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         if self.with_tools:
-            messages = expert_conversation(case, self.env, self.tool_mode, turns=self.turns)[0]
+            messages = expert_conversation(
+                case, self.env, self.tool_mode, turns=self.turns, candidate_iou=self.candidate_iou
+            )[0]
+            rng = np.random.default_rng([int(case.seed or 0), index, 104729])
+            if self.counterfactual and rng.random() < self.counterfactual:
+                messages = counterfactual_answer(messages, rng) or messages
         else:
             messages = direct_conversation(case, self.tool_mode)
         return encode_conversation(self.processor, messages, self.tools, self.markers)
@@ -254,7 +311,7 @@ class SharedPrefixSFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         group = inputs["conversations"]
         prefix = shared_prefix_length(group, self.turn_start) if self.shares_prefix else 0
-        loss = shared_prefix_loss(model, group, prefix)
+        loss = shared_prefix_loss(model, group, prefix, self.args.answer_weight)
         return (loss, None) if return_outputs else loss
 
 
@@ -271,7 +328,16 @@ def train_sft(
     With ``args.tools``, a case becomes its expert conversation (tool calls and real tool results);
     without (the no-tools baseline) the question is answered directly.
     """
-    dataset = ConversationDataset(cases, processor, args.tools, args.tool_mode, args.segmenter, args.turns)
+    dataset = ConversationDataset(
+        cases,
+        processor,
+        args.tools,
+        args.tool_mode,
+        args.segmenter,
+        args.turns,
+        args.expert_candidate_iou,
+        args.counterfactual_answers,
+    )
     trainer = SharedPrefixSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
     )
@@ -284,6 +350,7 @@ __all__ = [
     "ConversationDataset",
     "SharedPrefixSFTTrainer",
     "TurnMarkers",
+    "answer_weights",
     "assistant_mask",
     "direct_conversation",
     "encode_conversation",
@@ -293,4 +360,5 @@ __all__ = [
     "shared_prefix_loss",
     "train_sft",
     "turn_markers",
+    "weighted_token_loss",
 ]

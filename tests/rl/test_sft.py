@@ -127,6 +127,69 @@ def test_shared_prefix_loss_equals_the_full_forward_in_loss_and_gradients(tiny_p
     assert shared_prefix_length(broken, start) == 0
 
 
+def test_answer_weight_weighs_the_answer_turn_in_both_loss_paths(tiny_processor, tiny_source):
+    import torch
+
+    from medgym.environments.contract import tool_schemas
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.policy_model import build_model
+    from medgym.rl.sft import answer_weights, encode_conversation, shared_prefix_length, shared_prefix_loss
+
+    model = build_model(tiny_processor, "tiny", seed=4)
+    group = [
+        encode_conversation(tiny_processor, expert_conversation(tiny_source.case(s))[0], tool_schemas())
+        for s in (2050, 2051)
+    ]
+    labels = group[0]["labels"]
+    weights = answer_weights(labels, 5.0)
+    heavy = tiny_processor.tokenizer.decode(labels[0][weights[0] == 5.0])
+    assert heavy.startswith("<answer>") and heavy.count("<|im_end|>") == 1  # the last turn only, its stop included
+    assert int((weights[0] == 1.0).sum()) == int((labels[0] != -100).sum()) - int((weights[0] == 5.0).sum())
+    prefix = shared_prefix_length(group, tiny_processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    assert prefix > 0
+    with torch.no_grad():
+        plain = shared_prefix_loss(model, group, 0).item()
+        same = shared_prefix_loss(model, group, 0, answer_weight=1.0 + 1e-9).item()  # the weighted code path
+        full = shared_prefix_loss(model, group, 0, answer_weight=5.0).item()
+        shared = shared_prefix_loss(model, group, prefix, answer_weight=5.0).item()
+        # The answer tokens' own mean loss, from a forward with only them labelled.
+        answer_only = []
+        for ex in group:
+            w = answer_weights(ex["labels"], 5.0)
+            only = dict(ex, labels=torch.where(w == 5.0, ex["labels"], torch.full_like(ex["labels"], -100)))
+            answer_only.append(model(**only).loss.item())
+    assert abs(plain - same) < 1e-4 * plain
+    assert abs(full - shared) < 1e-4 * full  # the prefix path weighs the same tokens
+    answer_mean = sum(answer_only) / len(answer_only)
+    assert abs(full - answer_mean) < abs(plain - answer_mean)  # weighted toward the answer's loss
+
+
+def test_counterfactual_answers_swap_the_printed_number_in_result_and_answer(tiny_processor):
+    import re
+
+    from medgym.environments.sources import PhantomSource
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.sft import ConversationDataset
+
+    cases = [PhantomSource(templates=["lesion_area"]).case(s) for s in (3, 4)]
+    plain = ConversationDataset(cases, tiny_processor)
+    swapped = ConversationDataset(cases, tiny_processor, counterfactual=1.0)
+    changed = 0
+    for i, case in enumerate(cases):
+        messages, _ = expert_conversation(case)
+        truth = re.search(r"<answer>(.*?)</answer>", messages[-1]["content"][0]["text"]).group(1)
+        a = tiny_processor.tokenizer.decode(plain[i]["input_ids"][0])
+        b = tiny_processor.tokenizer.decode(swapped[i]["input_ids"][0])
+        new = re.findall(r"<answer>(.*?)</answer>", b)[-1]
+        assert re.findall(r"<answer>(.*?)</answer>", a)[-1] == truth
+        if new != truth:
+            changed += 1
+            measured = b.split("[measure]")[-1]
+            assert f"area {new} mm2" in measured and f"area {truth} mm2" not in b  # every result that printed it
+            assert b.replace(new, truth) == a  # nothing else moved
+    assert changed == len(cases)
+
+
 def test_direct_conversation_trains_only_the_answer(tiny_processor, tiny_source):
     from medgym.rl.sft import direct_conversation, encode_conversation
 

@@ -93,6 +93,10 @@ def test_the_expert_segments_the_listed_candidate_by_number() -> None:
     # where no listed box fits the lesion as tightly as an annotator's would, the expert draws its own
     loose = expert_calls(PhantomSource(templates=["longest_diameter"]).case(5), "predicted")
     assert [c.name for c in loose][:2] == ["detect", "segment"] and "box" in loose[1].arguments
+    # a looser rule (the policy's training conversations) names that same listed lesion by number
+    named = expert_calls(PhantomSource(templates=["longest_diameter"]).case(5), "predicted", candidate_iou=0.2)
+    assert named[1].arguments.get("candidate") is not None
+    assert [c.name for c in named] == [c.name for c in loose]
 
 
 def test_segment_by_candidate_needs_a_listing_and_keeps_to_it() -> None:
