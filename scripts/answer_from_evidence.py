@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import torch
 
+from medgym.agents.backends import checkpoint_meta
+from medgym.environments.contract import tool_schemas
 from medgym.environments.parsing import parse_action
 from medgym.environments.rewards import score_answer
 from medgym.environments.sources import PhantomSource
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
     model, processor = load(folder)
-    meta = json.loads((folder / "medgym.json").read_text()) if (folder / "medgym.json").exists() else {}
-    tools = meta.get("tool_schemas")
+    meta = checkpoint_meta(folder)
+    tools = meta.get("tool_schemas") or tool_schemas()
     system = meta.get("system_prompt")
     env = MedGymToolEnv(segmenter="threshold", tool_mode="predicted")
     source = PhantomSource(templates=args.templates)
@@ -58,10 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(args.seed, args.seed + args.n):
         case = source.case(seed)
         messages, _ = expert_conversation(case, env, "predicted", system=system, candidate_iou=args.candidate_iou)
-        if tools is None:
-            from medgym.environments.contract import tool_schemas
-
-            tools = tool_schemas()
         expert_text = messages[-1]["content"][0]["text"]
         text = answer_turn(model, processor, messages[:-1], tools)
         policy, expert = parse_action(text.split("<|im_end|>")[0]), parse_action(expert_text)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from medgym.agents.backends import checkpoint_meta
 from medgym.environments.contract import tool_schemas
 from medgym.rl.conversation import system_message
 from medgym.rl.policy_model import load
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = processor.tokenizer
     prefix = ""
     if args.system:
-        meta_path = folder / "medgym.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = checkpoint_meta(folder)
         system = meta.get("system_prompt") or system_message("predicted")
         probe = [
             {"role": "system", "content": [{"type": "text", "text": system}]},

@@ -173,16 +173,16 @@ def _roi_box(study: Study) -> list[int] | None:
     return [int(v) for v in mask_box(roi if roi.ndim == 2 else roi.any(axis=0))]
 
 
-def expert_calls(case: Case, mode: str = "predicted", candidate_iou: float = CANDIDATE_MIN_IOU) -> list[ToolCall]:
+def expert_calls(case: Case, mode: str = "predicted", candidate_iou: float | None = None) -> list[ToolCall]:
     """The expert's calls for a tool mode (oracle: the case's recorded calls).
 
     ``candidate_iou``: how tightly a listed detect candidate must fit the lesion for the expert to
-    segment it by number rather than draw its own box (0.2 names nearly every listed lesion; the
-    default draws a box wherever the candidate's would measure worse).
+    segment it by number rather than draw its own box (0.2 names nearly every listed lesion; None,
+    :data:`CANDIDATE_MIN_IOU`, draws a box wherever the candidate's would measure worse).
     """
     if mode == "oracle" or case.source == "vqa":
         return list(case.expert_calls)
-    plan = _Plan(case, candidate_iou)
+    plan = _Plan(case, CANDIDATE_MIN_IOU if candidate_iou is None else candidate_iou)
     study, t = case.study, case.template
     found = lesions(study)
     if t in FOLLOW_UP and case.prior is not None:

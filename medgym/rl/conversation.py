@@ -91,15 +91,14 @@ def expert_conversation(
     ``candidate_iou`` overrides the expert's rule for segmenting a detect candidate by number
     (:func:`medgym.environments.expert.expert_calls`).
     """
-    from medgym.environments.expert import CANDIDATE_MIN_IOU, expert_answer, expert_calls
+    from medgym.environments.expert import expert_answer, expert_calls
     from medgym.rl.bridge import MedGymToolEnv, start_case
 
     env = env or MedGymToolEnv(tool_mode=tool_mode or DEFAULT_TOOL_MODE)
     mode = tool_mode or env.tool_mode
     start_case(env, case)  # the very case given (it may not come from a seed), not rebuilt
     messages = multimodal_prompt(case, mode, system)
-    rule = CANDIDATE_MIN_IOU if candidate_iou is None else candidate_iou
-    for made, call in enumerate(expert_calls(case, mode, rule), start=1):
+    for made, call in enumerate(expert_calls(case, mode, candidate_iou), start=1):
         messages.append(
             {
                 "role": "assistant",
@@ -123,11 +122,6 @@ def expert_conversation(
 
 def count_images(messages: list[dict[str, Any]]) -> int:
     return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")
-
-
-def _number_pattern(value: str) -> str:
-    """A regex for ``value`` standing as a whole number (not inside a longer one)."""
-    return rf"(?<![\d.]){re.escape(value)}(?![\d]|\.\d)"
 
 
 def counterfactual_answer(messages: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]] | None:
@@ -156,16 +150,6 @@ def counterfactual_answer(messages: list[dict[str, Any]], rng: np.random.Generat
     if not found:
         return None
     value = found.group(1)
-    hits = [
-        (i, j)
-        for i, m in enumerate(messages)
-        if m["role"] == "tool" and isinstance(m["content"], list)
-        for j, part in enumerate(m["content"])
-        if part.get("type") == "text"
-        for _ in re.finditer(_number_pattern(value), part["text"])
-    ]
-    if not hits:
-        return None
     decimals = len(value.split(".")[1]) if "." in value else 0
     magnitude = max(abs(float(value)), 1.0)
     for _ in range(10):
@@ -175,12 +159,20 @@ def counterfactual_answer(messages: list[dict[str, Any]], rng: np.random.Generat
             break
     else:
         return None
-    out = [dict(m) for m in messages]
-    for i in sorted({i for i, _ in hits}):
-        parts = [dict(p) for p in out[i]["content"]]
-        for j in {j for k, j in hits if k == i}:
-            parts[j]["text"] = re.sub(_number_pattern(value), new, parts[j]["text"])
-        out[i]["content"] = parts
+    pattern = rf"(?<![\d.]){re.escape(value)}(?![\d]|\.\d)"  # the number whole, not inside a longer one
+    out, swapped = [], 0
+    for m in messages:
+        if m["role"] == "tool" and isinstance(m["content"], list):
+            parts = []
+            for part in m["content"]:
+                if part.get("type") == "text":
+                    text, n = re.subn(pattern, new, part["text"])
+                    part, swapped = {**part, "text": text}, swapped + n
+                parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    if not swapped:
+        return None
     out[-1] = {
         **out[-1],
         "content": [{"type": "text", "text": final.replace(found.group(0), f"<answer>{new}</answer>", 1)}],

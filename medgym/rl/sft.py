@@ -335,8 +335,8 @@ def train_sft(
         args.tool_mode,
         args.segmenter,
         args.turns,
-        args.expert_candidate_iou,
-        args.counterfactual_answers,
+        candidate_iou=args.expert_candidate_iou,
+        counterfactual=args.counterfactual_answers,
     )
     trainer = SharedPrefixSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
