@@ -86,6 +86,26 @@ def load_json(text: str) -> Any:
         raise InvalidJSON("a number has thousands of digits; write numbers of a few digits") from None
 
 
+def call_arguments(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments as an object; a JSON string (as some chat templates emit) is decoded.
+
+    Raises :class:`InvalidJSON` for a string that does not load and ``TypeError`` for anything that is
+    not an object once loaded.
+
+    >>> call_arguments('{"candidate": 1}'), call_arguments({"box": [1, 2, 3, 4]})
+    ({'candidate': 1}, {'box': [1, 2, 3, 4]})
+    >>> call_arguments("[1]")
+    Traceback (most recent call last):
+    ...
+    TypeError: arguments must be a JSON object, got list
+    """
+    if isinstance(arguments, str):
+        arguments = load_json(arguments)
+    if not isinstance(arguments, dict):
+        raise TypeError(f"arguments must be a JSON object, got {type(arguments).__name__}")
+    return arguments
+
+
 def json_depth(value: Any) -> int:
     """Levels of lists and objects in a loaded JSON value (iterative: no recursion limit).
 
@@ -156,13 +176,11 @@ def parse_action(text: str) -> Action:
             return Action(error=ERR_CALL_JSON.format(i=i, details=exc))
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return Action(error=ERR_CALL_SHAPE.format(i=i))
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # some chat templates emit arguments as a JSON string
-            try:
-                arguments = load_json(arguments)
-            except InvalidJSON as exc:
-                return Action(error=ERR_CALL_JSON.format(i=i, details=exc))
-        if not isinstance(arguments, dict):
+        try:
+            arguments = call_arguments(call.get("arguments", {}))
+        except InvalidJSON as exc:
+            return Action(error=ERR_CALL_JSON.format(i=i, details=exc))
+        except TypeError:
             return Action(error=ERR_CALL_SHAPE.format(i=i))
         if json_depth(arguments) > MAX_JSON_DEPTH:
             return Action(error=ERR_CALL_DEEP.format(i=i, limit=MAX_JSON_DEPTH))

@@ -12,7 +12,6 @@ many tool calls really ran without error in the episode).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medgym.environments.parsing import completion_text, parse_action, parse_box
+from medgym.environments.parsing import InvalidJSON, call_arguments, completion_text, parse_action, parse_box
 
 # How the env adds the parts up; the answer dominates.
 REWARD_WEIGHTS = {"answer": 1.0, "grounding": 0.5, "format": 0.1, "tool_use": 0.2, "length": 1.0}
@@ -190,13 +189,11 @@ def listed_boxes(text: str) -> dict[int, list[float]]:
 
 
 def _arguments(call: Any) -> dict[str, Any]:
-    args = call.get("arguments") if isinstance(call, dict) else None
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            args = None
-    return args if isinstance(args, dict) else {}
+    """A structured or parsed call's arguments; {} where they do not decode to an object."""
+    try:
+        return call_arguments(call.get("arguments") if isinstance(call, dict) else None)
+    except (InvalidJSON, TypeError):
+        return {}
 
 
 def written_boxes(completion: Any) -> list[list[float]]:
