@@ -255,6 +255,13 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "are mostly 0 survives; None: TRL's two-sided advantages).",
         default=None,
     )
+    answer_evidence: str = _help(
+        "What the answer turn reads: 'rollout' (the policy's own tool calls, run through the env: TRL's "
+        "multi-turn loop) or 'expert' (the annotator expert's calls and the real tools' results, built per "
+        "case, end the prompt and each rollout is the answer turn alone: GRPO on what the answer says, many "
+        "more answers a second, the calls not trained; needs max_tool_calling_iterations 0 and collapse_floor 0).",
+        default="rollout",
+    )
     tool_failure_weight: float = _help(
         "Weight of a GRPO-only reward term: minus the share of a rollout's tool calls that failed "
         "(bad arguments, unknown masks). 0: off. Logged as rewards/tool_failure.",
@@ -265,6 +272,13 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         self.check_medgym()
         if self.loss_on not in ("all", "answer"):
             raise ValueError(f"loss_on must be 'all' or 'answer', not {self.loss_on!r}")
+        if self.answer_evidence not in ("rollout", "expert"):
+            raise ValueError(f"answer_evidence must be 'rollout' or 'expert', not {self.answer_evidence!r}")
+        if self.answer_evidence == "expert" and (self.max_tool_calling_iterations or self.collapse_floor):
+            raise ValueError(
+                "answer_evidence 'expert' trains the answer turn alone: set max_tool_calling_iterations: 0 "
+                "(the turn is an answer) and collapse_floor: 0 (rollouts call no tool)"
+            )
         if self.tool_failure_weight < 0:
             raise ValueError("tool_failure_weight must be >= 0 (it weighs a penalty)")
         if self.max_steps <= 0 or self.learning_rate <= 0:

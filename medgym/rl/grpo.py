@@ -164,7 +164,17 @@ class MedGymGRPOTrainer(GRPOTrainer):
         returns ``pixel_values`` (1, n_images, ...), which TRL's shuffle indexes by rollout. Regrouped
         to (rollouts, most images, ...), zero-padded as Idefics3's processor pads a batch.
         """
+        if getattr(self.args, "answer_evidence", "rollout") == "expert":
+            inputs = self._expert_evidence(inputs)
         out = super()._generate_and_score_completions(inputs)
+        types, image_id = out.get("mm_token_type_ids"), getattr(self.model.config, "image_token_id", None)
+        width = out["prompt_ids"].size(1) + out["completion_ids"].size(1)
+        if types is not None and types.size(1) != width and image_id is not None:
+            # TRL re-renders prompts with its own chat-template helper for the image fields; a prompt holding
+            # earlier assistant calls (answer_evidence: expert) renders a few tokens apart from the ids generated
+            # from, so the token types are rebuilt from those ids (as TRL does after a tool image)
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+            out["mm_token_type_ids"] = (ids == image_id).to(types.dtype)
         if getattr(self.args, "loss_on", "all") == "answer" and out.get("tool_mask") is not None:
             from medgym.agents.constrained import ANSWER_OPEN
 
@@ -181,6 +191,29 @@ class MedGymGRPOTrainer(GRPOTrainer):
                 if out.get(key) is not None:
                     out[key] = group_by_rollout(out[key].flatten(0, 1), counts)
         return out
+
+    def _expert_evidence(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows whose prompt is the annotator expert's episode up to its answer (``answer_evidence: expert``).
+
+        The expert's calls run through a bridge env with the rollouts' segmenter and tool mode, so the
+        results (text and pictures) are what the real tools return; the rows repeated for a group share
+        one build. The question pictures sit in the prompt's messages, so the ``images`` column goes.
+        """
+        from medgym.rl.conversation import evidence_prompt
+
+        env = self.__dict__.setdefault(
+            "_evidence_env", MedGymToolEnv(segmenter=self.args.segmenter, tool_mode=self.args.tool_mode)
+        )
+        built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        rows = []
+        for row in inputs:
+            stages = tuple(row.get("stages") or ())
+            key = (row.get("source") or "phantom", stages, int(row["case_seed"]))
+            if key not in built:
+                case = stage_source(key[0], list(stages)).case(key[2])
+                built[key] = evidence_prompt(case, env)
+            rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
+        return rows
 
     @functools.cached_property
     def tools_schemas(self) -> list[dict[str, Any]]:
@@ -224,6 +257,23 @@ class MedGymGRPOTrainer(GRPOTrainer):
             and not any(fields.get(k) is not None for k in SHARED_PREFIX_UNSUPPORTED)
             and (fields.get("pixel_values") is None or fields.get("num_images") is not None)
         )
+        if usable and fields.get("pixel_values") is not None:
+            groups = prompt_groups(input_ids, attention_mask, fields["mm_token_type_ids"], logits_to_keep)
+            if groups is not None:  # whole prompts, pictures included, repeat across rows: each runs once
+                with self.accelerator.autocast():
+                    return group_prompt_logps(
+                        model,
+                        inner,
+                        input_ids,
+                        attention_mask,
+                        fields["mm_token_type_ids"],
+                        groups,
+                        logits_to_keep,
+                        fields["pixel_values"],
+                        fields.get("image_grid_thw"),
+                        fields["num_images"],
+                        bool(fields.get("compute_entropy")),
+                    )
         if usable:
             turn_start = self._tokenizer.convert_tokens_to_ids("<|im_start|>")
             rows = rollout_rows(input_ids, attention_mask, fields["mm_token_type_ids"])
@@ -442,6 +492,94 @@ def shared_prefix_logps(
         if compute_entropy:
             entropies.append(out.entropy[:, -logits_to_keep:])
     return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+
+def prompt_groups(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor, logits_to_keep: int
+) -> list[tuple[list[int], int]] | None:
+    """Rows that share one prompt, as (rows, prompt start column) (TRL's loss pass may hold a group's rollouts
+    in any order), when at least one prompt repeats and no completion holds a picture (its rollouts called
+    no tool that returned one); else None.
+    """
+    prompt = input_ids.size(1) - logits_to_keep
+    if prompt <= 0 or mm_token_type_ids[:, prompt:].any():
+        return None
+    groups: dict[tuple[int, ...], tuple[list[int], int]] = {}
+    for r in range(input_ids.size(0)):
+        nonzero = attention_mask[r, :prompt].nonzero()
+        start = int(nonzero[0]) if len(nonzero) else prompt
+        groups.setdefault((start, *input_ids[r, start:prompt].tolist()), ([], start))[0].append(r)
+    return list(groups.values()) if len(groups) < input_ids.size(0) else None
+
+
+def group_prompt_logps(
+    model,
+    inner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    groups: list[tuple[list[int], int]],
+    logits_to_keep: int,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    num_images: list[int],
+    compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """Per-token log-probs (and entropies) of each row's completion, each group's prompt run once.
+
+    For rows sharing a prompt (see :func:`prompt_groups`), the prompt (system text, question, pictures,
+    any earlier turns) but its last token runs once through the model with its first row's pictures, with
+    gradient when enabled, and its keys and values are copied into the cache of every row of the group;
+    the rows' last prompt token and completions then run as one batch, with multimodal RoPE positions
+    from the whole rows. The left padding before a group's prompt is dropped, not computed. Equal to
+    TRL's batched forward (``tests/rl/test_grpo.py``).
+    """
+    keyword = cache_keyword(inner)
+    prompt = input_ids.size(1) - logits_to_keep
+    image_starts = np.cumsum([0, *num_images])
+    pixel_starts = np.cumsum([0, *image_grid_thw.prod(-1).tolist()]) if image_grid_thw is not None else None
+    logps_rows, entropy_rows, order = [], [], []
+    for rows, start in groups:
+        ids, mask, types = (t[rows, start:] for t in (input_ids, attention_mask, mm_token_type_ids))
+        spans = [(int(image_starts[r]), int(image_starts[r + 1])) for r in rows]
+        grid = None
+        if image_grid_thw is not None and any(b > a for a, b in spans):
+            grid = torch.cat([image_grid_thw[a:b] for a, b in spans])
+        positions, _ = inner.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+        n = prompt - start - 1  # the prompt's last token runs with the completion: it predicts the first
+        (a, b), first = spans[0], {}
+        if b > a and pixel_starts is not None and image_grid_thw is not None:
+            first = {
+                "pixel_values": pixel_values[int(pixel_starts[a]) : int(pixel_starts[b])],
+                "image_grid_thw": image_grid_thw[a:b],
+            }
+        ran = inner.model(
+            input_ids=ids[:1, :n],
+            mm_token_type_ids=types[:1, :n],
+            position_ids=positions[:, :1, :n],
+            attention_mask=mask[:1, :n],
+            use_cache=True,
+            **first,
+        )
+        cached = ran["cache"] if "cache" in ran else ran["past_key_values"]
+        kv = [(layer.keys, layer.values) for layer in cached.layers]
+        out = model(
+            input_ids=ids[:, n:],
+            mm_token_type_ids=types[:, n:],
+            position_ids=positions[:, :, n:],
+            attention_mask=mask,
+            labels=ids[:, n:].masked_fill(mask[:, n:] == 0, -100),
+            fused_lm_head=True,
+            **{keyword: kv_cache(inner, kv, len(rows))},
+        )
+        order.extend(rows)
+        logps_rows.append(out.log_probs[:, -logits_to_keep:])
+        if compute_entropy:
+            entropy_rows.append(out.entropy[:, -logits_to_keep:])
+    back = torch.argsort(torch.tensor(order, device=input_ids.device))  # rows in the caller's order
+    logps = torch.cat(logps_rows)[back]
+    entropies = torch.cat(entropy_rows)[back] if compute_entropy else None
+    return logps, entropies, None
 
 
 def _tool_seconds(environments: list[MedGymToolEnv] | None) -> float:

@@ -415,3 +415,109 @@ def test_answer_only_loss_covers_the_last_turn_and_no_call(trainer_parts, tmp_pa
                 trained_rows += 1
                 assert "</answer>" in trained and "<answer>" not in trained and "<tool_call>" not in trained, trained
     assert with_tools and trained_rows, "no rollout called a tool, or none answered"
+
+
+def test_expert_evidence_needs_answer_only_rollouts(tmp_path):
+    with pytest.raises(ValueError, match="max_tool_calling_iterations: 0"):
+        _args(tmp_path, answer_evidence="expert")
+    with pytest.raises(ValueError, match="answer_evidence"):
+        _args(tmp_path, answer_evidence="teacher")
+
+
+def test_expert_evidence_rollouts_answer_after_the_experts_real_tool_results(trainer_parts, tmp_path):
+    """``answer_evidence: expert``: each prompt is the expert's episode up to its answer (its calls, the real
+    tools' results and pictures), each rollout one answer turn, and the loss pass sees every image token."""
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.bridge import stage_source
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        constrained=True,
+        answer_evidence="expert",
+        max_tool_calling_iterations=0,
+        collapse_floor=0.0,
+    )
+    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
+    batches: list[dict] = []
+    real = trainer._compute_loss
+
+    def spy(model, inputs):
+        batches.append({k: inputs[k].clone() for k in ("prompt_ids", "completion_ids", "mm_token_type_ids")})
+        loss = real(model, inputs)
+        assert torch.isfinite(loss)
+        return loss
+
+    trainer._compute_loss = spy
+    trainer.train()
+    assert batches
+    decode, image_id = processor.tokenizer.decode, model.config.image_token_id
+    source = stage_source("phantom", dataset[0]["stages"])  # the rows' cases
+    expert_turns = {len(expert_calls(source.case(s), "oracle")) for s in dataset["case_seed"]}
+    for batch in batches:
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        assert batch["mm_token_type_ids"].shape == ids.shape
+        assert torch.equal(batch["mm_token_type_ids"].bool(), ids == image_id)
+        for prompt, completion in zip(batch["prompt_ids"], batch["completion_ids"], strict=True):
+            prompt_text, turn = decode(prompt), decode(completion)
+            assert prompt_text.count("<tool_response>") in expert_turns, prompt_text[-400:]
+            assert prompt_text.rstrip().endswith("<|im_start|>assistant"), prompt_text[-200:]
+            assert "<answer>" in turn and "<tool_call>" not in turn, turn
+
+
+def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_path, monkeypatch):
+    """With whole prompts repeated across a group's rows (answer turns after the expert's evidence), each
+    prompt, pictures included, runs once: TRL's values and gradients."""
+    from trl import GRPOTrainer
+
+    import medgym.rl.grpo as grpo
+
+    model, processor, dataset = trainer_parts
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        num_generations=2,
+        constrained=True,
+        answer_evidence="expert",
+        max_tool_calling_iterations=0,
+        collapse_floor=0.0,
+    )
+    trainer = grpo.make_trainer(model, processor, dataset, args)
+    captured, grouped = [], []
+    ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
+    real_grouped = grpo.group_prompt_logps
+
+    def spy(self, *args, **kwargs):
+        captured.append((args, kwargs))
+        return ours(self, *args, **kwargs)
+
+    def spy_grouped(*args, **kwargs):
+        grouped.append(args[5])  # the groups
+        return real_grouped(*args, **kwargs)
+
+    monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(grpo, "group_prompt_logps", spy_grouped)
+    trainer.train()
+    assert grouped and all(len(rows) == 2 for groups in grouped for rows, _ in groups), grouped
+    args, kwargs = captured[-1]
+    keep = args[3]
+    valid = args[2][:, -keep:].bool()
+    assert not args[2][:, :-keep].all(), "the groups' prompts were not of different lengths"
+    kwargs = {**kwargs, "compute_entropy": True}
+
+    def run(fn):
+        model.zero_grad()
+        logps, entropy, _ = fn(trainer, *args, **kwargs)
+        (logps * valid).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), entropy.detach(), grads
+
+    a_logps, a_entropy, a_grads = run(ours)
+    b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
+    assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
+    for name in a_grads:
+        torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-4, rtol=1e-3, msg=name)
