@@ -31,7 +31,11 @@ def prefix_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     Computed with gradient when it is enabled (SFT and GRPO's log-prob pass backpropagate through it).
     """
     positions = torch.arange(ids.numel(), device=ids.device).view(1, 1, -1).expand(3, 1, -1)
-    out = model.model.language_model(input_ids=ids[None], position_ids=positions, use_cache=True)
+    return output_kv(model.model.language_model(input_ids=ids[None], position_ids=positions, use_cache=True))
+
+
+def output_kv(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer from a forward's output run with ``use_cache=True``."""
     cached = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
     return [(layer.keys, layer.values) for layer in cached.layers]
 

@@ -123,8 +123,8 @@ def expert_conversation(
 def evidence_prompt(case: Case, env: MedGymToolEnv | None = None, tool_mode: str | None = None) -> list[dict[str, Any]]:
     """The expert's episode of a case up to, not including, its answer: system, question, calls and real results.
 
-    The prompt of an answer turn written from the annotator's evidence (GRPO's ``answer_evidence: expert``,
-    ``scripts/answer_from_evidence.py``); the answer itself is left to the policy.
+    The prompt of an answer turn written from the annotator's evidence (GRPO's ``answer_evidence: expert``);
+    the answer itself is left to the policy.
     """
     messages, _ = expert_conversation(case, env, tool_mode)
     return messages[:-1]

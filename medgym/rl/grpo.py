@@ -32,7 +32,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
-from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, prefix_kv
+from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, output_kv, prefix_kv
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
@@ -192,26 +192,28 @@ class MedGymGRPOTrainer(GRPOTrainer):
                     out[key] = group_by_rollout(out[key].flatten(0, 1), counts)
         return out
 
+    @functools.cached_property
+    def _evidence_env(self) -> MedGymToolEnv:
+        """The env the expert's calls run through under ``answer_evidence: expert`` (the rollouts' segmenter and mode)."""
+        return MedGymToolEnv(segmenter=self.args.segmenter, tool_mode=self.args.tool_mode)
+
     def _expert_evidence(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows whose prompt is the annotator expert's episode up to its answer (``answer_evidence: expert``).
 
-        The expert's calls run through a bridge env with the rollouts' segmenter and tool mode, so the
-        results (text and pictures) are what the real tools return; the rows repeated for a group share
-        one build. The question pictures sit in the prompt's messages, so the ``images`` column goes.
+        The row's case comes from the env's own ``reset``, and the expert's calls run through that env,
+        so the results (text and pictures) are what the real tools return; the rows repeated for a group
+        share one build. The question pictures sit in the prompt's messages, so the ``images`` column goes.
         """
         from medgym.rl.conversation import evidence_prompt
 
-        env = self.__dict__.setdefault(
-            "_evidence_env", MedGymToolEnv(segmenter=self.args.segmenter, tool_mode=self.args.tool_mode)
-        )
+        env = self._evidence_env
         built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         rows = []
         for row in inputs:
-            stages = tuple(row.get("stages") or ())
-            key = (row.get("source") or "phantom", stages, int(row["case_seed"]))
+            key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
             if key not in built:
-                case = stage_source(key[0], list(stages)).case(key[2])
-                built[key] = evidence_prompt(case, env)
+                env.reset(**row)
+                built[key] = evidence_prompt(env.case, env)
             rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
         return rows
 
@@ -553,16 +555,16 @@ def group_prompt_logps(
                 "pixel_values": pixel_values[int(pixel_starts[a]) : int(pixel_starts[b])],
                 "image_grid_thw": image_grid_thw[a:b],
             }
-        ran = inner.model(
-            input_ids=ids[:1, :n],
-            mm_token_type_ids=types[:1, :n],
-            position_ids=positions[:, :1, :n],
-            attention_mask=mask[:1, :n],
-            use_cache=True,
-            **first,
+        kv = output_kv(
+            inner.model(
+                input_ids=ids[:1, :n],
+                mm_token_type_ids=types[:1, :n],
+                position_ids=positions[:, :1, :n],
+                attention_mask=mask[:1, :n],
+                use_cache=True,
+                **first,
+            )
         )
-        cached = ran["cache"] if "cache" in ran else ran["past_key_values"]
-        kv = [(layer.keys, layer.values) for layer in cached.layers]
         out = model(
             input_ids=ids[:, n:],
             mm_token_type_ids=types[:, n:],

@@ -188,32 +188,50 @@ def test_grpo_steps_run_real_tools(trainer_parts, tmp_path):
 
 def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_path, monkeypatch):
     """The log-prob pass that runs the common system text once gives TRL's values and gradients."""
-    from trl import GRPOTrainer
 
     import medgym.rl.grpo as grpo
 
     model, processor, dataset = trainer_parts
     trainer = grpo.make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, num_generations=2))
     assert trainer.args.shared_prefix
-    captured, shared = [], []
-    ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
+    captured, ours = _spy_logp_pass(monkeypatch)
+    shared = []
     real_shared = grpo.shared_prefix_logps
-
-    def spy(self, *args, **kwargs):
-        captured.append((args, kwargs))
-        return ours(self, *args, **kwargs)
 
     def spy_shared(*args, **kwargs):
         shared.append(args[6])  # the prefix length
         return real_shared(*args, **kwargs)
 
-    monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
     monkeypatch.setattr(grpo, "shared_prefix_logps", spy_shared)
     trainer.train()
     assert shared and min(shared) > 100  # the system text and tool list ran once per pass
-    args, kwargs = captured[-1]  # the loss pass: model, input_ids, attention_mask, logits_to_keep, ...
+    _assert_equals_trls_pass(trainer, model, ours, captured[-1])
+
+
+def _spy_logp_pass(monkeypatch) -> tuple[list, object]:
+    """Record every call of the trainer's log-prob pass: the list of (args, kwargs), and the pass itself."""
+    import medgym.rl.grpo as grpo
+
+    captured: list = []
+    ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        captured.append((args, kwargs))
+        return ours(self, *args, **kwargs)
+
+    monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    return captured, ours
+
+
+def _assert_equals_trls_pass(trainer, model, ours, call) -> None:
+    """One recorded loss pass (model, input_ids, attention_mask, logits_to_keep, ...) redone by ``ours`` and by
+    TRL's batched forward: equal log-probs, entropies and gradients, the visual tower's included."""
+    from trl import GRPOTrainer
+
+    args, kwargs = call
     keep = args[3]
     valid = args[2][:, -keep:].bool()
+    assert valid.sum() > 0 and not args[2][:, :-keep].all(), "the rows' prompts were not of different lengths"
     kwargs = {**kwargs, "compute_entropy": True}
 
     def run(fn):
@@ -225,7 +243,6 @@ def test_shared_prefix_log_probs_equal_trls_batched_forward(trainer_parts, tmp_p
 
     a_logps, a_entropy, a_grads = run(ours)
     b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
-    assert valid.sum() > 0 and not args[2][:, :-keep].all(), "the rows' prompts were not of different lengths"
     torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
     assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
@@ -470,7 +487,6 @@ def test_expert_evidence_rollouts_answer_after_the_experts_real_tool_results(tra
 def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_path, monkeypatch):
     """With whole prompts repeated across a group's rows (answer turns after the expert's evidence), each
     prompt, pictures included, runs once: TRL's values and gradients."""
-    from trl import GRPOTrainer
 
     import medgym.rl.grpo as grpo
 
@@ -485,39 +501,15 @@ def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_pa
         collapse_floor=0.0,
     )
     trainer = grpo.make_trainer(model, processor, dataset, args)
-    captured, grouped = [], []
-    ours = grpo.MedGymGRPOTrainer._get_per_token_logps_and_entropies
+    captured, ours = _spy_logp_pass(monkeypatch)
+    grouped = []
     real_grouped = grpo.group_prompt_logps
-
-    def spy(self, *args, **kwargs):
-        captured.append((args, kwargs))
-        return ours(self, *args, **kwargs)
 
     def spy_grouped(*args, **kwargs):
         grouped.append(args[5])  # the groups
         return real_grouped(*args, **kwargs)
 
-    monkeypatch.setattr(grpo.MedGymGRPOTrainer, "_get_per_token_logps_and_entropies", spy)
     monkeypatch.setattr(grpo, "group_prompt_logps", spy_grouped)
     trainer.train()
     assert grouped and all(len(rows) == 2 for groups in grouped for rows, _ in groups), grouped
-    args, kwargs = captured[-1]
-    keep = args[3]
-    valid = args[2][:, -keep:].bool()
-    assert not args[2][:, :-keep].all(), "the groups' prompts were not of different lengths"
-    kwargs = {**kwargs, "compute_entropy": True}
-
-    def run(fn):
-        model.zero_grad()
-        logps, entropy, _ = fn(trainer, *args, **kwargs)
-        (logps * valid).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return logps.detach(), entropy.detach(), grads
-
-    a_logps, a_entropy, a_grads = run(ours)
-    b_logps, b_entropy, b_grads = run(GRPOTrainer._get_per_token_logps_and_entropies)
-    torch.testing.assert_close(a_logps[valid], b_logps[valid], atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(a_entropy[valid], b_entropy[valid], atol=2e-4, rtol=1e-4)
-    assert a_grads.keys() == b_grads.keys() and any("visual" in n for n in a_grads)
-    for name in a_grads:
-        torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+    _assert_equals_trls_pass(trainer, model, ours, captured[-1])
