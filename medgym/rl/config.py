@@ -135,6 +135,17 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
         "in both places (medgym.rl.conversation.counterfactual_answer): only copying from the result answers it.",
         default=0.0,
     )
+    brief_tools: bool = _help(
+        "Render the tool list without its prose (contract.tool_schemas(brief=True)): ~410 tokens before each "
+        "conversation instead of ~1,350. The checkpoint records the schemas it was trained with, and its "
+        "backend, evaluations and GRPO prompt it with them.",
+        default=False,
+    )
+    keep_conversations: bool = _help(
+        "Keep every built expert conversation in memory (~0.2 MB each), so later epochs skip the tools; with "
+        "counterfactual_answers, each epoch swaps fresh numbers.",
+        default=False,
+    )
     expert_candidate_iou: float | None = _help(
         "How tightly a detect candidate must fit the lesion for the expert to segment it by number (IoU); "
         "unset: the expert's own rule (0.65). 0.2 names nearly every listed lesion by number.",

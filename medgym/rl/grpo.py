@@ -72,9 +72,14 @@ class MedGymGRPOTrainer(GRPOTrainer):
     tensors here is what the non-environment path already returns.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tools: list[dict[str, Any]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._turns_generated = 0  # rollout turns generated in the current _generate call
+        self._prompt_tools = tools
+        if tools is not None:
+            # TRL renders the tool list from the env's methods wherever it renders a prompt (the rollout's and
+            # the log-prob pass's); a checkpoint trained on other schemas (brief ones) reads its own there.
+            self.processing_class.apply_chat_template = _with_tool_list(self.processing_class.apply_chat_template, tools)
         # TRL finds image placeholders by ``<|image_pad|>`` / ``<|image|>`` only; Gemma 3's is
         # ``<image_soft_token>``. The model's own id marks tool-image tokens (token type 1).
         image_id = getattr(self.model.config, "image_token_id", None)
@@ -219,10 +224,10 @@ class MedGymGRPOTrainer(GRPOTrainer):
 
     @functools.cached_property
     def tools_schemas(self) -> list[dict[str, Any]]:
-        """The tool list the rollouts' prompts carry: the contract's, from the bridge's methods."""
+        """The tool list the rollouts' prompts carry: the checkpoint's own, else the contract's (the bridge's methods)."""
         from medgym.environments.contract import tool_schemas
 
-        return tool_schemas()
+        return self._prompt_tools if self._prompt_tools is not None else tool_schemas()
 
     def _generate(self, prompts: list):
         """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds``, their ratio, and
@@ -318,6 +323,18 @@ SHARED_PREFIX_UNSUPPORTED = (
     "image_position_ids",
 )
 MIN_SHARED_PREFIX = 32
+
+
+def _with_tool_list(render, tools: list[dict[str, Any]]):
+    """``render`` (an ``apply_chat_template``) with any tool list given to it replaced by ``tools``."""
+
+    @functools.wraps(render)
+    def rendered(*args: Any, **kwargs: Any):
+        if kwargs.get("tools"):
+            kwargs["tools"] = tools
+        return render(*args, **kwargs)
+
+    return rendered
 
 
 def generate_kwargs(model) -> set[str]:
@@ -692,8 +709,11 @@ def make_trainer(
     callbacks=None,
     reward_names: list[str] | None = None,
     extra_rewards: list[tuple[Any, float]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ):
     """The trainer: medgym rewards (plus ``extra_rewards`` as (func, weight)), one bridge env per rollout.
+
+    ``tools``: the schemas prompts show (a checkpoint's recorded ``tool_schemas``); None: the contract's.
 
     Reward weights are the env's (:data:`~medgym.environments.rewards.REWARD_WEIGHTS`) unless the config's
     ``reward_weights`` lists one per reward, in :data:`~medgym.environments.rewards.REWARD_FUNCS` order.
@@ -720,6 +740,7 @@ def make_trainer(
         train_dataset=dataset,
         environment_factory=functools.partial(MedGymToolEnv, segmenter=args.segmenter, tool_mode=args.tool_mode),
         callbacks=callbacks,
+        tools=tools,
     )
 
 

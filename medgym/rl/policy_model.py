@@ -271,9 +271,15 @@ def n_parameters(model: torch.nn.Module) -> int:
 
 
 def save(
-    model, processor, out: str | Path, meta: dict[str, Any] | None = None, tool_mode: str = DEFAULT_TOOL_MODE
+    model,
+    processor,
+    out: str | Path,
+    meta: dict[str, Any] | None = None,
+    tool_mode: str = DEFAULT_TOOL_MODE,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Weights (safetensors), processor files and ``medgym.json`` (``meta`` and the system text) in one folder."""
+    """Weights (safetensors), processor files and ``medgym.json`` (``meta``, the system text and the tool
+    schemas it was trained with: ``tools``, else those ``meta`` records, else the contract's) in one folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -281,7 +287,7 @@ def save(
     if meta is not None:
         # The system text the policy was trained with travels with it, so the chat can prompt it the same way.
         # The prompt it is trained with, so its backend shows it exactly that (tools change over time).
-        meta = {**meta, "system_prompt": system_message(tool_mode), "tool_schemas": tool_schemas()}
+        meta = {**meta, "system_prompt": system_message(tool_mode), "tool_schemas": tools or meta.get("tool_schemas") or tool_schemas()}
         (out / "medgym.json").write_text(json.dumps(meta, indent=1))
     return out
 

@@ -115,7 +115,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         "train_seconds": round(time.perf_counter() - t0, 1),
         "final_loss": final_loss,
     }
-    final = save(model, processor, out / "final", meta, cfg.tool_mode)
+    final = save(model, processor, out / "final", meta, cfg.tool_mode, trainer.train_dataset.tools)
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,
@@ -139,7 +139,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     dataset = build_dataset(list(range(first, first + count)), cfg.source, cfg.stages or None, cfg.tool_mode)
     curve = HeldOutCurve(cfg, metrics, {**start_meta, "stage": "grpo", "tool_mode": cfg.tool_mode})
     guard = CollapseGuard(cfg.collapse_floor, cfg.collapse_patience, cfg.failure_ceiling)
-    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics), curve, guard])
+    # prompted with the tool list the start was trained with (a brief one, when its SFT used brief_tools)
+    tools = start_meta.get("tool_schemas")
+    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics), curve, guard], tools=tools)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
     if not trainer.accelerator.is_main_process:
@@ -154,7 +156,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
         "collapse": guard.stopped,
         "heldout_curve": curve.points,
     }
-    final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode)
+    final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode, tools)
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,

@@ -25,6 +25,7 @@ patches a fused LM head into the model's forward, and both get in the way here:
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from collections.abc import Sequence
@@ -230,7 +231,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     ``cases`` may be a lazy sequence of thousands (:class:`medgym.environments.sources.CaseRange`):
     pictures and tool results are made only for the cases drawn; the last 64 are kept, so small
-    case lists (tests, demos) are encoded once.
+    case lists (tests, demos) are encoded once. With ``keep``, every built conversation is kept
+    (pictures at the policy's size: ~0.2 MB each), so later epochs skip the tools; with
+    ``counterfactual`` as well, each draw of a conversation swaps a freshly drawn number, so every
+    epoch brings new copying examples. ``tools``: the schemas the conversations are rendered with
+    (default: the contract's).
     """
 
     def __init__(
@@ -243,6 +248,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         turns: int = 0,
         candidate_iou: float | None = None,
         counterfactual: float = 0.0,
+        tools: list[dict[str, Any]] | None = None,
+        keep: bool = False,
     ):
         self.cases = cases
         self.turns = turns
@@ -251,28 +258,42 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.with_tools = with_tools
         self.tool_mode = tool_mode
-        self.tools = tool_schemas() if with_tools else None
+        self.tools = (tools if tools is not None else tool_schemas()) if with_tools else None
         self.env = MedGymToolEnv(segmenter=segmenter, tool_mode=tool_mode)
         self.markers = turn_markers(processor)
+        self.kept: dict[int, list[dict[str, Any]]] | None = {} if keep else None
+        self.draws: collections.Counter[int] = collections.Counter()
         self.encoded = functools.lru_cache(maxsize=64)(self._encode)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.kept is not None and self.counterfactual:
+            self.draws[index] += 1  # a fresh swap per draw: encoded anew, from the kept conversation
+            return self._encode(index, self.draws[index])
         return self.encoded(index)
 
-    def _encode(self, index: int) -> dict[str, Any]:
+    def _messages(self, index: int) -> list[dict[str, Any]]:
+        if self.kept is not None and index in self.kept:
+            return self.kept[index]
         case = self.cases[index]
         if self.with_tools:
             messages = expert_conversation(
                 case, self.env, self.tool_mode, turns=self.turns, candidate_iou=self.candidate_iou
             )[0]
-            rng = np.random.default_rng([int(case.seed or 0), index, 104729])
-            if self.counterfactual and rng.random() < self.counterfactual:
-                messages = counterfactual_answer(messages, rng) or messages
         else:
             messages = direct_conversation(case, self.tool_mode)
+        if self.kept is not None:
+            self.kept[index] = messages
+        return messages
+
+    def _encode(self, index: int, draw: int = 0) -> dict[str, Any]:
+        messages = self._messages(index)
+        if self.with_tools and self.counterfactual:
+            rng = np.random.default_rng([int(self.cases[index].seed or 0), index, 104729, draw])
+            if rng.random() < self.counterfactual:
+                messages = counterfactual_answer(messages, rng) or messages
         return encode_conversation(self.processor, messages, self.tools, self.markers)
 
 
@@ -337,6 +358,8 @@ def train_sft(
         args.turns,
         candidate_iou=args.expert_candidate_iou,
         counterfactual=args.counterfactual_answers,
+        tools=tool_schemas(brief=args.brief_tools),
+        keep=args.keep_conversations,
     )
     trainer = SharedPrefixSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks

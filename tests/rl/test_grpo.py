@@ -513,3 +513,31 @@ def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_pa
     trainer.train()
     assert grouped and all(len(rows) == 2 for groups in grouped for rows, _ in groups), grouped
     _assert_equals_trls_pass(trainer, model, ours, captured[-1])
+
+
+def test_rollout_prompts_show_the_checkpoints_own_tool_list(trainer_parts, tmp_path):
+    """A checkpoint trained on the brief tool list (``brief_tools``) is prompted with it in GRPO: in the rollout
+    and in the loss pass, wherever TRL renders the tool list from the env's methods."""
+    from medgym.environments.contract import tool_schemas
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    brief = tool_schemas(brief=True)
+    trainer = make_trainer(
+        model, processor, dataset, _args(tmp_path, max_steps=1, max_tool_calling_iterations=1), tools=brief
+    )
+    prompts: list[str] = []
+    real = trainer._compute_loss
+
+    def spy(model, inputs):
+        prompts.extend(processor.tokenizer.decode(p) for p in inputs["prompt_ids"])
+        return real(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    assert prompts and trainer.tools_schemas == brief
+    expected = processor.apply_chat_template(
+        [{"role": "system", "content": "x"}], tools=brief, tokenize=False
+    ).split("<|im_end|>")[0].split("# Tools")[1]
+    for text in prompts:
+        assert expected in text and '"description"' not in text

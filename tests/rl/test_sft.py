@@ -190,6 +190,47 @@ def test_counterfactual_answers_swap_the_printed_number_in_result_and_answer(tin
     assert changed == len(cases)
 
 
+def test_kept_conversations_are_built_once_and_swapped_afresh_per_draw(tiny_processor, monkeypatch):
+    """``keep``: the tools run once per case; with counterfactuals, each draw swaps its own number (new
+    copying examples every epoch), while the unswapped conversation stays as built."""
+    import re
+
+    import medgym.rl.sft as sft
+    from medgym.environments.sources import PhantomSource
+
+    built = []
+    real = sft.expert_conversation
+    monkeypatch.setattr(sft, "expert_conversation", lambda *a, **k: built.append(a[0].seed) or real(*a, **k))
+    cases = [PhantomSource(templates=["lesion_area"]).case(s) for s in (3, 4)]
+    data = sft.ConversationDataset(cases, tiny_processor, counterfactual=1.0, keep=True)
+    answers = [
+        [re.findall(r"<answer>(.*?)</answer>", tiny_processor.tokenizer.decode(data[i]["input_ids"][0]))[-1] for i in (0, 1)]
+        for _ in range(4)
+    ]
+    assert sorted(built) == sorted(c.seed for c in cases)  # 8 draws, 2 builds
+    assert all(len({a[i] for a in answers}) >= 3 for i in (0, 1)), answers  # fresh swaps per draw
+    kept = data.kept[0][-1]["content"][0]["text"]
+    assert re.search(r"<answer>(.*?)</answer>", kept).group(1) == real(cases[0])[0][-1]["content"][0]["text"][8:].split("<")[0]
+
+
+def test_brief_tool_list_renders_the_same_tools_in_a_third_of_the_text(tiny_processor, tiny_source):
+    from medgym.environments.contract import tool_schemas
+    from medgym.rl.conversation import expert_conversation
+    from medgym.rl.sft import encode_conversation
+
+    messages, _ = expert_conversation(tiny_source.case(2000))
+    full = encode_conversation(tiny_processor, messages, tool_schemas())["input_ids"][0]
+    brief = encode_conversation(tiny_processor, messages, tool_schemas(brief=True))["input_ids"][0]
+    text = tiny_processor.tokenizer.decode(brief)
+    assert all(f'"name": "{s["function"]["name"]}"' in text for s in tool_schemas())
+    assert '"description"' not in text and '"enum": ["current", "prior"]' in text
+    full_text = tiny_processor.tokenizer.decode(full)
+    assert len(brief) < len(full)
+    # the system turn in a third of the text (the shipped tokenizer: ~410 tokens instead of ~1,350)
+    assert 2.5 * len(text.split("<|im_start|>user")[0]) < len(full_text.split("<|im_start|>user")[0])
+    assert full_text.split("<|im_start|>user")[1] == text.split("<|im_start|>user")[1]  # the conversation as it was
+
+
 def test_direct_conversation_trains_only_the_answer(tiny_processor, tiny_source):
     from medgym.rl.sft import direct_conversation, encode_conversation
 
