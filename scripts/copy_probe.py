@@ -7,7 +7,10 @@ answered exactly every ``--every`` steps. ``--system`` puts the checkpoint's rea
 tool list (about 1,350 tokens, whose schema text names the same quantities) before every turn, run
 once per batch with the shared-prefix loss, as in SFT. Nothing is saved unless ``--out`` is given.
 
-Usage: python scripts/copy_probe.py runs/sft_embedded_detect/final [--system] [--steps 600] [--batch 16]
+With ``--out``, the trained copy is saved as a checkpoint (its ``medgym.json`` the start's), so SFT can
+continue from it (``init_from``).
+
+Usage: python scripts/copy_probe.py runs/sft_embedded_detect/final [--system] [--steps 600] [--batch 16] [--out DIR]
 Prints one JSON line per evaluation.
 """
 
@@ -23,7 +26,7 @@ import torch
 from medgym.agents.backends import checkpoint_meta
 from medgym.environments.contract import tool_schemas
 from medgym.rl.conversation import system_message
-from medgym.rl.policy_model import load
+from medgym.rl.policy_model import load, save
 from medgym.rl.runs import resolve_checkpoint
 from medgym.rl.sft import shared_prefix_loss
 
@@ -113,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.every == 0 or step == args.steps:
             row = {"step": step, "loss": round(loss.item(), 3), "exact": exact(), "seconds": round(time.time() - start)}
             print(json.dumps({**report, **row}), flush=True)
-    if args.out:
-        model.save_pretrained(args.out)
-        processor.save_pretrained(args.out)
+    if args.out:  # a checkpoint like any other: its medgym.json keeps the start's system text and tool list
+        meta = checkpoint_meta(folder)
+        save(model, processor, args.out, {**meta, "model_id": f"{meta.get('model_id', 'embedded')}-copy-probe"})
 
 
 if __name__ == "__main__":

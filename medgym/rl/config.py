@@ -135,6 +135,11 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
         "in both places (medgym.rl.conversation.counterfactual_answer): only copying from the result answers it.",
         default=0.0,
     )
+    templates: list[str] = _help(
+        "Train on these phantom question templates only (empty: all), e.g. the four copied measurements "
+        "longest_diameter, lesion_area, lesion_volume, mean_attenuation.",
+        default_factory=list,
+    )
     brief_tools: bool = _help(
         "Render the tool list without its prose (contract.tool_schemas(brief=True)): ~410 tokens before each "
         "conversation instead of ~1,350. The checkpoint records the schemas it was trained with, and its "
@@ -158,6 +163,12 @@ class SFTConfig(MedgymArguments, trl.SFTConfig):
             raise ValueError(f"answer_weight must be positive; got {self.answer_weight}")
         if not 0 <= self.counterfactual_answers <= 1:
             raise ValueError(f"counterfactual_answers must be within [0, 1]; got {self.counterfactual_answers}")
+        if self.templates:
+            from medgym.environments.templates import select_templates
+
+            select_templates(self.templates)  # unknown names raise here, before any training
+            if self.source != "phantom":
+                raise ValueError(f"templates are phantom question templates; source is {self.source!r}")
         if self.expert_candidate_iou is not None and not 0 < self.expert_candidate_iou <= 1:
             raise ValueError(f"expert_candidate_iou must be in (0, 1]; got {self.expert_candidate_iou}")
         if self.size not in EMBEDDED_SIZES:

@@ -79,7 +79,9 @@ class MedGymGRPOTrainer(GRPOTrainer):
         if tools is not None:
             # TRL renders the tool list from the env's methods wherever it renders a prompt (the rollout's and
             # the log-prob pass's); a checkpoint trained on other schemas (brief ones) reads its own there.
-            self.processing_class.apply_chat_template = _with_tool_list(self.processing_class.apply_chat_template, tools)
+            self.processing_class.apply_chat_template = _with_tool_list(
+                self.processing_class.apply_chat_template, tools
+            )
         # TRL finds image placeholders by ``<|image_pad|>`` / ``<|image|>`` only; Gemma 3's is
         # ``<image_soft_token>``. The model's own id marks tool-image tokens (token type 1).
         image_id = getattr(self.model.config, "image_token_id", None)

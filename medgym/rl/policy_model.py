@@ -287,7 +287,11 @@ def save(
     if meta is not None:
         # The system text the policy was trained with travels with it, so the chat can prompt it the same way.
         # The prompt it is trained with, so its backend shows it exactly that (tools change over time).
-        meta = {**meta, "system_prompt": system_message(tool_mode), "tool_schemas": tools or meta.get("tool_schemas") or tool_schemas()}
+        meta = {
+            **meta,
+            "system_prompt": system_message(tool_mode),
+            "tool_schemas": tools or meta.get("tool_schemas") or tool_schemas(),
+        }
         (out / "medgym.json").write_text(json.dumps(meta, indent=1))
     return out
 

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
+from medgym.environments.contract import tool_schemas
 from medgym.rl.config import GRPOConfig, SFTConfig, recipe
 from medgym.rl.curve import CollapseGuard, HeldOutCurve
 from medgym.rl.metrics import GRPO_PANELS, SFT_PANELS, MetricsCallback, MetricsLog
@@ -82,6 +85,27 @@ def _meta(start: Path | None) -> dict[str, Any]:
     return json.loads(meta_file.read_text()) if meta_file is not None and meta_file.exists() else {}
 
 
+class CheckpointMeta(TrainerCallback):
+    """Writes ``medgym.json`` (the system text and tool list trained with) into each resumable checkpoint, so an
+    intermediate one is prompted as trained wherever it is evaluated or continued (``init_from``)."""
+
+    def __init__(self, meta: dict[str, Any], tool_mode: str, tools: list[dict[str, Any]] | None):
+        self.meta, self.tool_mode, self.tools = meta, tool_mode, tools
+
+    def on_save(self, args, state, control, **kwargs):
+        from medgym.rl.conversation import system_message
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            meta = {
+                **self.meta,
+                "step": state.global_step,
+                "system_prompt": system_message(self.tool_mode),
+                "tool_schemas": self.tools or tool_schemas(),
+            }
+            (folder / "medgym.json").write_text(json.dumps(meta, indent=1))
+
+
 def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """SFT as configured; with ``resume``, from the newest checkpoint in ``output_dir`` (same steps, same curve)."""
     from medgym.environments.sources import CaseRange, make_source
@@ -99,14 +123,17 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         processor = build_processor(cfg.tokenizer_cases, cfg.vocab_size)
         model = build_model(processor, cfg.size, cfg.seed)
     first, count = cfg.train_seeds
-    cases = CaseRange(make_source(cfg.source), first, count)
+    cases = CaseRange(make_source(cfg.source, **({"templates": cfg.templates} if cfg.templates else {})), first, count)
     callback = MetricsCallback(metrics)
-    trainer = train_sft(model, processor, cases, cfg, [callback], str(latest) if latest is not None else None)
+    tools = tool_schemas(brief=cfg.brief_tools) if cfg.tools else None
+    model_id = f"embedded-{cfg.size}-sft" + ("" if cfg.tools else "-notools")
+    marker = CheckpointMeta({"model_id": model_id, "stage": "sft", "tool_mode": cfg.tool_mode}, cfg.tool_mode, tools)
+    trainer = train_sft(model, processor, cases, cfg, [callback, marker], str(latest) if latest is not None else None)
     start_recipe = dict(_meta(start).get("recipe", {}))
     rows = [r for r in metrics.rows() if "loss" in r]
     final_loss = rows[-1]["loss"] if rows else float("nan")
     meta = {
-        "model_id": f"embedded-{cfg.size}-sft" + ("" if cfg.tools else "-notools"),
+        "model_id": model_id,
         "stage": "sft",
         "tools": cfg.tools,
         "tool_mode": cfg.tool_mode,
@@ -115,7 +142,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         "train_seconds": round(time.perf_counter() - t0, 1),
         "final_loss": final_loss,
     }
-    final = save(model, processor, out / "final", meta, cfg.tool_mode, trainer.train_dataset.tools)
+    final = save(model, processor, out / "final", meta, cfg.tool_mode, tools)
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,

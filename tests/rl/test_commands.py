@@ -29,6 +29,7 @@ def test_sft_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
         save_steps=1,
         learning_rate=1e-3,
         disable_tqdm=True,
+        brief_tools=True,
     )
     first = run_sft(SFTConfig(num_train_epochs=1, **common))
     run = tmp_path / "run"
@@ -47,6 +48,12 @@ def test_sft_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
     assert second["steps"] == 4 and (run / "metrics.csv").read_text().startswith("step,")
     meta = json.loads((run / "final" / "medgym.json").read_text())
     assert "sft" in json.dumps(meta["recipe"]) and meta["parameters"] > 0 and meta["tool_mode"] == "predicted"
+    # trained on the brief tool list: the final and every resumable checkpoint record it, so each is prompted as trained
+    from medgym.environments.contract import tool_schemas
+
+    for folder in (run / "final", checkpoint, run / "checkpoint-4"):
+        recorded = json.loads((folder / "medgym.json").read_text())
+        assert recorded["tool_schemas"] == tool_schemas(brief=True) and recorded["system_prompt"], folder
 
 
 def test_interrupted_checkpoint_save_is_skipped(tmp_path):

@@ -536,8 +536,10 @@ def test_rollout_prompts_show_the_checkpoints_own_tool_list(trainer_parts, tmp_p
     trainer._compute_loss = spy
     trainer.train()
     assert prompts and trainer.tools_schemas == brief
-    expected = processor.apply_chat_template(
-        [{"role": "system", "content": "x"}], tools=brief, tokenize=False
-    ).split("<|im_end|>")[0].split("# Tools")[1]
+    expected = (
+        processor.apply_chat_template([{"role": "system", "content": "x"}], tools=brief, tokenize=False)
+        .split("<|im_end|>")[0]
+        .split("# Tools")[1]
+    )
     for text in prompts:
         assert expected in text and '"description"' not in text

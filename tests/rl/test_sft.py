@@ -204,13 +204,19 @@ def test_kept_conversations_are_built_once_and_swapped_afresh_per_draw(tiny_proc
     cases = [PhantomSource(templates=["lesion_area"]).case(s) for s in (3, 4)]
     data = sft.ConversationDataset(cases, tiny_processor, counterfactual=1.0, keep=True)
     answers = [
-        [re.findall(r"<answer>(.*?)</answer>", tiny_processor.tokenizer.decode(data[i]["input_ids"][0]))[-1] for i in (0, 1)]
+        [
+            re.findall(r"<answer>(.*?)</answer>", tiny_processor.tokenizer.decode(data[i]["input_ids"][0]))[-1]
+            for i in (0, 1)
+        ]
         for _ in range(4)
     ]
     assert sorted(built) == sorted(c.seed for c in cases)  # 8 draws, 2 builds
     assert all(len({a[i] for a in answers}) >= 3 for i in (0, 1)), answers  # fresh swaps per draw
     kept = data.kept[0][-1]["content"][0]["text"]
-    assert re.search(r"<answer>(.*?)</answer>", kept).group(1) == real(cases[0])[0][-1]["content"][0]["text"][8:].split("<")[0]
+    assert (
+        re.search(r"<answer>(.*?)</answer>", kept).group(1)
+        == real(cases[0])[0][-1]["content"][0]["text"][8:].split("<")[0]
+    )
 
 
 def test_brief_tool_list_renders_the_same_tools_in_a_third_of_the_text(tiny_processor, tiny_source):
