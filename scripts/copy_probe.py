@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = resolve_checkpoint(args.checkpoint)
     model, processor = load(folder)
     tok = processor.tokenizer
+    meta = checkpoint_meta(folder)
     prefix = ""
     if args.system:
-        meta = checkpoint_meta(folder)
         system = meta.get("system_prompt") or system_message("predicted")
         probe = [
             {"role": "system", "content": [{"type": "text", "text": system}]},
@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
             row = {"step": step, "loss": round(loss.item(), 3), "exact": exact(), "seconds": round(time.time() - start)}
             print(json.dumps({**report, **row}), flush=True)
     if args.out:  # a checkpoint like any other: its medgym.json keeps the start's system text and tool list
-        meta = checkpoint_meta(folder)
         save(model, processor, args.out, {**meta, "model_id": f"{meta.get('model_id', 'embedded')}-copy-probe"})
 
 

@@ -285,15 +285,21 @@ def save(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if meta is not None:
-        # The system text the policy was trained with travels with it, so the chat can prompt it the same way.
-        # The prompt it is trained with, so its backend shows it exactly that (tools change over time).
-        meta = {
-            **meta,
-            "system_prompt": system_message(tool_mode),
-            "tool_schemas": tools or meta.get("tool_schemas") or tool_schemas(),
-        }
-        (out / "medgym.json").write_text(json.dumps(meta, indent=1))
+        write_meta(out, meta, tool_mode, tools)
     return out
+
+
+def write_meta(
+    folder: Path, meta: dict[str, Any], tool_mode: str = DEFAULT_TOOL_MODE, tools: list[dict[str, Any]] | None = None
+) -> None:
+    """``folder/medgym.json``: ``meta`` with the system text and the tool schemas the policy was trained with
+    (``tools``, else those ``meta`` records, else the contract's), so its backend prompts it exactly that way."""
+    meta = {
+        **meta,
+        "system_prompt": system_message(tool_mode),
+        "tool_schemas": tools or meta.get("tool_schemas") or tool_schemas(),
+    }
+    (folder / "medgym.json").write_text(json.dumps(meta, indent=1))
 
 
 def load(path: str | Path, attention: str = ATTENTION):
@@ -319,4 +325,5 @@ __all__ = [
     "load",
     "save",
     "system_message",
+    "write_meta",
 ]

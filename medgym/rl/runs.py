@@ -93,17 +93,11 @@ class CheckpointMeta(TrainerCallback):
         self.meta, self.tool_mode, self.tools = meta, tool_mode, tools
 
     def on_save(self, args, state, control, **kwargs):
-        from medgym.rl.conversation import system_message
+        from medgym.rl.policy_model import write_meta
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            meta = {
-                **self.meta,
-                "step": state.global_step,
-                "system_prompt": system_message(self.tool_mode),
-                "tool_schemas": self.tools or tool_schemas(),
-            }
-            (folder / "medgym.json").write_text(json.dumps(meta, indent=1))
+            write_meta(folder, {**self.meta, "step": state.global_step}, self.tool_mode, self.tools)
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
