@@ -162,13 +162,16 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     guard = CollapseGuard(cfg.collapse_floor, cfg.collapse_patience, cfg.failure_ceiling)
     # prompted with the tool list the start was trained with (a brief one, when its SFT used brief_tools)
     tools = start_meta.get("tool_schemas")
-    trainer = make_trainer(model, processor, dataset, cfg, [MetricsCallback(metrics), curve, guard], tools=tools)
+    model_id = str(start_meta.get("model_id", "embedded")).replace("-sft", "") + "-grpo"
+    marker = CheckpointMeta({"model_id": model_id, "stage": "grpo", "tool_mode": cfg.tool_mode}, cfg.tool_mode, tools)
+    callbacks = [MetricsCallback(metrics), curve, guard, marker]
+    trainer = make_trainer(model, processor, dataset, cfg, callbacks, tools=tools)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
     if not trainer.accelerator.is_main_process:
         return {"steps": trainer.state.global_step, "process": trainer.accelerator.process_index}
     meta = {
-        "model_id": str(start_meta.get("model_id", "embedded")).replace("-sft", "") + "-grpo",
+        "model_id": model_id,
         "stage": "grpo",
         "tool_mode": cfg.tool_mode,
         "parameters": n_parameters(model),

@@ -105,6 +105,10 @@ def test_grpo_run_checkpoints_resumes_and_plots(tiny_sft, tmp_path):
     first = run_grpo(GRPOConfig(max_steps=1, **common))
     run = tmp_path / "grpo"
     assert first["steps"] == 1 and (run / "checkpoint-1" / "trainer_state.json").is_file()
+    # a GRPO checkpoint is prompted as trained wherever it is evaluated: its start's tool list travels with it
+    start_tools = json.loads((folder / "medgym.json").read_text())["tool_schemas"]
+    step_meta = json.loads((run / "checkpoint-1" / "medgym.json").read_text())
+    assert step_meta["stage"] == "grpo" and step_meta["step"] == 1 and step_meta["tool_schemas"] == start_tools
     second = run_grpo(GRPOConfig(max_steps=2, **common), resume=True)
     assert second["steps"] == 2 and second["resumed_from"] == str(run / "checkpoint-1")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
