@@ -4,9 +4,14 @@ Weights are stored as float16 safetensors (loaded as float32), halving the wheel
 checkpoint's ``medgym.json`` keeps its recipe, system text and tool schemas, and gets the model id,
 how to reproduce it, and (``--bench``) the held-out figures measured for it by ``medgym train bench``.
 
-Usage: python scripts/ship_checkpoint.py runs/sft_embedded_predicted/final embedded-sft \
-           --model-id embedded-sft --reproduce "medgym train sft --config configs/sft_embedded_predicted.yaml" \
-           [--bench runs/bench/bench.json --bench-name embedded-sft]
+An intermediate checkpoint (``checkpoint-N``, chosen on a validation curve) ships with the run's record:
+``--run-meta RUN/final`` adds that run's recipe, training time and held-out curve to its ``medgym.json``.
+Only the model's own files travel (weights, config, processor and tokenizer files, ``medgym.json``), never
+trainer state; the destination is emptied first.
+
+Usage: python scripts/ship_checkpoint.py runs/sft_embedded_mixed_brief/final embedded-sft \
+           --model-id embedded-sft --reproduce "bash scripts/embedded_recipe.sh sft" \
+           [--bench runs/bench/bench.json --bench-name embedded-sft] [--run-meta RUN/final]
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ from safetensors.torch import load_file, save_file
 from medgym import CHECKPOINTS_DIR
 
 NAMES = ("embedded", "embedded-sft")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+RUN_KEYS = ("recipe", "train_seconds", "collapse", "heldout_curve")
 
 
 def main() -> None:
@@ -33,16 +47,27 @@ def main() -> None:
     p.add_argument("--bench", help="bench.json of medgym train bench --out")
     p.add_argument("--bench-name", help="the policy's name in that bench")
     p.add_argument("--note", default=None, help="a sentence on what the checkpoint is")
+    p.add_argument(
+        "--run-meta", help="the run's final/ folder, whose recipe and curve an intermediate checkpoint ships with"
+    )
     args = p.parse_args()
 
     src, dst = Path(args.source), CHECKPOINTS_DIR / args.name
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy2(f, dst / f.name)
+    missing = [f for f in ("model.safetensors", "medgym.json", "config.json") if not (src / f).is_file()]
+    if missing:
+        raise SystemExit(f"{src} is not a medgym checkpoint: no {', '.join(missing)}")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     weights = {k: v.to(torch.float16) for k, v in load_file(src / "model.safetensors").items()}
     save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
     meta = json.loads((src / "medgym.json").read_text())
+    if args.run_meta:
+        run = json.loads((Path(args.run_meta) / "medgym.json").read_text())
+        meta.update({k: run[k] for k in RUN_KEYS if k in run})
     meta.update(model_id=args.model_id, dtype_on_disk="float16 (loaded as float32)")
     if args.reproduce:
         meta["reproduce"] = args.reproduce

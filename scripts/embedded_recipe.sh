@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The brief-tool recipe of the shipped embedded policies, phase by phase. Each phase is skipped when
+# its output is there; a killed phase continues from its newest checkpoint when the script runs again.
+# About 90 minutes on 2 CPU cores (the detect SFT ~30, the copy phases ~30, GRPO ~15).
+#
+#   bash scripts/embedded_recipe.sh        # SFT phases (-> embedded-sft), then GRPO (-> embedded)
+#   bash scripts/embedded_recipe.sh sft    # SFT phases only
+#   bash scripts/embedded_recipe.sh roots  # only the two starting checkpoints below
+#
+# It starts from the policies shipped before this recipe (the oracle-era recipe continued on
+# predicted-mode conversations), taken from the repository's history into runs/embedded-sft-v1 and
+# runs/embedded-v1 (the no-tools baseline, configs/sft_notools_predicted.yaml, starts from the latter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+ROOT_COMMIT=8bf5fe8   # the last commit that shipped them
+
+for name in embedded-sft embedded; do
+    if [ ! -f "runs/$name-v1/medgym.json" ]; then
+        mkdir -p "runs/$name-v1"
+        git archive "$ROOT_COMMIT" "medgym/rl/checkpoints/$name" | tar -x --strip-components=4 -C "runs/$name-v1"
+    fi
+done
+[ "${1:-all}" = roots ] && exit 0
+
+resume_flag() { if compgen -G "$1/checkpoint-*" >/dev/null; then echo --resume; fi; }
+
+sft() {  # sft CONFIG OUTPUT_DIR [overrides]
+    local config=$1 out=$2; shift 2
+    if [ -f "$out/final/medgym.json" ]; then echo "== $out: done"; return; fi
+    echo "== $config -> $out"
+    medgym train sft --config "$config" $(resume_flag "$out") "$@"
+}
+
+sft configs/sft_embedded_detect.yaml runs/sft_embedded_detect
+sft configs/sft_embedded_brief.yaml runs/sft_embedded_brief --max_steps 200
+if [ ! -f runs/copy_probe_brief/medgym.json ]; then
+    echo "== copy probe -> runs/copy_probe_brief"
+    python scripts/copy_probe.py runs/sft_embedded_brief/final --system --steps 600 --batch 32 --out runs/copy_probe_brief
+fi
+sft configs/sft_embedded_copy_brief.yaml runs/sft_embedded_copy_brief
+sft configs/sft_embedded_mixed_brief.yaml runs/sft_embedded_mixed_brief   # embedded-sft
+[ "${1:-all}" = sft ] && exit 0
+
+out=runs/grpo_embedded_brief_t05   # embedded
+if [ -f "$out/final/medgym.json" ]; then echo "== $out: done"; exit 0; fi
+echo "== configs/grpo_embedded_brief_t05.yaml -> $out"
+medgym train grpo --config configs/grpo_embedded_brief_t05.yaml $(resume_flag "$out")
