@@ -38,7 +38,7 @@ MODEL_FILES = (
 RUN_KEYS = ("recipe", "train_seconds", "collapse", "heldout_curve")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="a checkpoint folder written by medgym train (its final/)")
     p.add_argument("name", choices=NAMES)
@@ -50,9 +50,10 @@ def main() -> None:
     p.add_argument(
         "--run-meta", help="the run's final/ folder, whose recipe and curve an intermediate checkpoint ships with"
     )
-    args = p.parse_args()
+    p.add_argument("--into", default=str(CHECKPOINTS_DIR), help="the folder of shipped policies (the package's)")
+    args = p.parse_args(argv)
 
-    src, dst = Path(args.source), CHECKPOINTS_DIR / args.name
+    src, dst = Path(args.source), Path(args.into) / args.name
     missing = [f for f in ("model.safetensors", "medgym.json", "config.json") if not (src / f).is_file()]
     if missing:
         raise SystemExit(f"{src} is not a medgym checkpoint: no {', '.join(missing)}")

@@ -143,3 +143,47 @@ def test_grpo_runs_in_two_cpu_processes_under_accelerate_launch(tiny_sft, tmp_pa
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward" in r] == [1]  # one writer: the step is logged once
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_ship_checkpoint_takes_the_model_files_and_the_runs_record(tmp_path):
+    """An intermediate GRPO checkpoint ships without trainer state, as float16, with its run's recipe and curve."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    spec = importlib.util.spec_from_file_location(
+        "ship_checkpoint", Path(__file__).resolve().parents[2] / "scripts" / "ship_checkpoint.py"
+    )
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+
+    step, final = tmp_path / "run" / "checkpoint-5", tmp_path / "run" / "final"
+    for folder in (step, final):
+        folder.mkdir(parents=True)
+    save_file({"w": torch.ones(2, 3)}, step / "model.safetensors")
+    (step / "config.json").write_text("{}")
+    (step / "tokenizer.json").write_text("{}")
+    (step / "trainer_state.json").write_text('{"global_step": 5}')
+    (step / "medgym.json").write_text(json.dumps({"stage": "grpo", "step": 5, "tool_schemas": [{"name": "zoom"}]}))
+    curve = [{"step": 0, "heldout/accuracy": 0.3}, {"step": 5, "heldout/accuracy": 0.4}]
+    (final / "medgym.json").write_text(json.dumps({"recipe": {"grpo": {"max_steps": 30}}, "heldout_curve": curve}))
+    into = tmp_path / "shipped"
+    (into / "embedded").mkdir(parents=True)
+    (into / "embedded" / "stale.bin").write_text("from the previous policy")
+
+    ship.main([str(step), "embedded", "--model-id", "embedded", "--into", str(into), "--run-meta", str(final)])
+    shipped = into / "embedded"
+    assert sorted(f.name for f in shipped.iterdir()) == [
+        "config.json",
+        "medgym.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert load_file(shipped / "model.safetensors")["w"].dtype == torch.float16
+    meta = json.loads((shipped / "medgym.json").read_text())
+    assert meta["step"] == 5 and meta["heldout_curve"] == curve and meta["recipe"]["grpo"]["max_steps"] == 30
+    assert meta["tool_schemas"] == [{"name": "zoom"}] and meta["model_id"] == "embedded"
+    with pytest.raises(SystemExit, match="not a medgym checkpoint"):
+        ship.main([str(tmp_path / "run"), "embedded", "--model-id", "embedded", "--into", str(into)])
