@@ -50,7 +50,8 @@ SUMMARY_KEYS = (
 def run_episode(
     env: gym.Env, policy: Policy, case_seed: int, temperature: float = 0.0, case: Case | None = None
 ) -> dict[str, Any]:
-    """One episode of ``policy`` on the case of ``case_seed`` (or on ``case`` itself): turns, calls and final info."""
+    """One episode of ``policy`` on the case of ``case_seed`` (or on ``case`` itself): turns, calls, final info,
+    and the contract messages it read and wrote (``messages``; the last is its final turn)."""
     options: dict[str, Any] = {"case": case} if case is not None else {"case_seed": case_seed}
     obs, info = env.reset(seed=case_seed, options=options)
     base = env.unwrapped
@@ -89,6 +90,7 @@ def run_episode(
         "tool_errors": tool_errors,
         "format_errors": format_errors,
         "seconds": seconds,
+        "messages": messages,
     }
 
 

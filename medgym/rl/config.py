@@ -281,7 +281,10 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "What the answer turn reads: 'rollout' (the policy's own tool calls, run through the env: TRL's "
         "multi-turn loop) or 'expert' (the annotator expert's calls and the real tools' results, built per "
         "case, end the prompt and each rollout is the answer turn alone: GRPO on what the answer says, many "
-        "more answers a second, the calls not trained; needs max_tool_calling_iterations 0 and collapse_floor 0).",
+        "more answers a second, the calls not trained; needs max_tool_calling_iterations 0 and collapse_floor 0) "
+        "or 'policy' (as 'expert', but the prompt is the live policy's own greedy episode up to its answer, "
+        "with its own calls and their real results, as it meets them when evaluated; the expert's where the "
+        "policy's episode ends without an answer).",
         default="rollout",
     )
     tool_failure_weight: float = _help(
@@ -294,11 +297,11 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         self.check_medgym()
         if self.loss_on not in ("all", "answer"):
             raise ValueError(f"loss_on must be 'all' or 'answer', not {self.loss_on!r}")
-        if self.answer_evidence not in ("rollout", "expert"):
-            raise ValueError(f"answer_evidence must be 'rollout' or 'expert', not {self.answer_evidence!r}")
-        if self.answer_evidence == "expert" and (self.max_tool_calling_iterations or self.collapse_floor):
+        if self.answer_evidence not in ("rollout", "expert", "policy"):
+            raise ValueError(f"answer_evidence must be 'rollout', 'expert' or 'policy', not {self.answer_evidence!r}")
+        if self.answer_evidence != "rollout" and (self.max_tool_calling_iterations or self.collapse_floor):
             raise ValueError(
-                "answer_evidence 'expert' trains the answer turn alone: set max_tool_calling_iterations: 0 "
+                f"answer_evidence {self.answer_evidence!r} trains the answer turn alone: set max_tool_calling_iterations: 0 "
                 "(the turn is an answer) and collapse_floor: 0 (rollouts call no tool)"
             )
         if self.tool_failure_weight < 0:

@@ -171,8 +171,11 @@ class MedGymGRPOTrainer(GRPOTrainer):
         returns ``pixel_values`` (1, n_images, ...), which TRL's shuffle indexes by rollout. Regrouped
         to (rollouts, most images, ...), zero-padded as Idefics3's processor pads a batch.
         """
-        if getattr(self.args, "answer_evidence", "rollout") == "expert":
+        evidence = getattr(self.args, "answer_evidence", "rollout")
+        if evidence == "expert":
             inputs = self._expert_evidence(inputs)
+        elif evidence == "policy":
+            inputs = self._policy_evidence(inputs)
         out = super()._generate_and_score_completions(inputs)
         types, image_id = out.get("mm_token_type_ids"), getattr(self.model.config, "image_token_id", None)
         width = out["prompt_ids"].size(1) + out["completion_ids"].size(1)
@@ -222,6 +225,59 @@ class MedGymGRPOTrainer(GRPOTrainer):
                 env.reset(**row)
                 built[key] = evidence_prompt(env.case, env)
             rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
+        return rows
+
+    @functools.cached_property
+    def _episode_env(self):
+        """The env the live policy's own episodes run in under ``answer_evidence: policy`` (as the held-out curve's)."""
+        import gymnasium as gym
+
+        from medgym.environments.evaluate import ENV_ID
+
+        return gym.make(ENV_ID, source=self.args.source, tool_mode=self.args.tool_mode, segmenter=self.args.segmenter)
+
+    def _policy_evidence(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows whose prompt is the live policy's own greedy episode up to its answer (``answer_evidence: policy``).
+
+        The weights are saved and loaded as a checkpoint (the curve's path, so the episode is exactly what
+        ``medgym eval`` would run: the recorded system text and tool list, constrained turns as configured);
+        its calls run through the real tools and the prompt is the conversation its answer turn read. Where
+        the episode ends without an answer the expert's evidence stands in. Logs ``evidence/policy_share``
+        and ``evidence/policy_correct`` (the greedy episodes' accuracy on these training cases).
+        """
+        import tempfile
+
+        from medgym.agents.backends import EmbeddedBackend
+        from medgym.environments.evaluate import run_episode
+        from medgym.rl.conversation import evidence_prompt
+        from medgym.rl.policy_model import save
+
+        env = self._evidence_env
+        built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        own, right = [], []
+        with tempfile.TemporaryDirectory() as folder:
+            inner = self.accelerator.unwrap_model(self.model)
+            save(
+                inner, self.processing_class, folder, {"model_id": "grpo-live"}, self.args.tool_mode, self._prompt_tools
+            )
+            policy = EmbeddedBackend(folder, constrained=bool(getattr(self.args, "constrained", False)))
+            rows = []
+            for row in inputs:
+                key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
+                if key not in built:
+                    env.reset(**row)
+                    ep = run_episode(self._episode_env, policy, int(row["case_seed"]), case=env.case)
+                    final = ep["messages"][-1]
+                    answered = ep["terminated"] and final["role"] == "assistant" and "<answer>" in final["content"]
+                    own.append(answered)
+                    right.append(bool(ep["info"].get("correct")))
+                    built[key] = (
+                        policy.conversation(ep["messages"][:-1]) if answered else evidence_prompt(env.case, env)
+                    )
+                rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["evidence/policy_share"].append(float(np.mean(own)))
+        self._metrics[mode]["evidence/policy_correct"].append(float(np.mean(right)))
         return rows
 
     @functools.cached_property

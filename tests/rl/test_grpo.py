@@ -437,6 +437,8 @@ def test_answer_only_loss_covers_the_last_turn_and_no_call(trainer_parts, tmp_pa
 def test_expert_evidence_needs_answer_only_rollouts(tmp_path):
     with pytest.raises(ValueError, match="max_tool_calling_iterations: 0"):
         _args(tmp_path, answer_evidence="expert")
+    with pytest.raises(ValueError, match="max_tool_calling_iterations: 0"):
+        _args(tmp_path, answer_evidence="policy")
     with pytest.raises(ValueError, match="answer_evidence"):
         _args(tmp_path, answer_evidence="teacher")
 
@@ -482,6 +484,67 @@ def test_expert_evidence_rollouts_answer_after_the_experts_real_tool_results(tra
             assert prompt_text.count("<tool_response>") in expert_turns, prompt_text[-400:]
             assert prompt_text.rstrip().endswith("<|im_start|>assistant"), prompt_text[-200:]
             assert "<answer>" in turn and "<tool_call>" not in turn, turn
+
+
+def test_policy_evidence_prompts_are_the_policys_own_episode(trainer_parts, tiny_sft, tiny_source, tmp_path):
+    """``answer_evidence: policy``: each prompt is the live policy's own greedy episode up to its answer (its
+    calls and their real results, as ``medgym eval`` runs it), or the expert's where it gave no answer."""
+    import gymnasium as gym
+
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.environments.evaluate import ENV_ID, run_episode
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    folder, _, _ = tiny_sft
+    # what the start policy does on each training case, greedy, through the eval path
+    env = gym.make(ENV_ID, source="phantom", tool_mode="oracle", segmenter="threshold")
+    policy = EmbeddedBackend(folder, constrained=True)
+    expected, answered, own_turns = set(), [], []
+    for seed in dataset["case_seed"]:
+        ep = run_episode(env, policy, seed, case=tiny_source.case(seed))
+        final = ep["messages"][-1]
+        answered.append(ep["terminated"] and final["role"] == "assistant" and "<answer>" in final["content"])
+        if answered[-1]:
+            expected.add(sum(m["role"] == "tool" for m in ep["messages"]))
+            own_turns += [m["content"].strip() for m in ep["messages"][:-1] if m["role"] == "assistant"]
+        else:
+            expected.add(len(expert_calls(tiny_source.case(seed), "oracle")))
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        constrained=True,
+        answer_evidence="policy",
+        max_tool_calling_iterations=0,
+        collapse_floor=0.0,
+        segmenter="threshold",
+    )
+    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
+    batches: list[dict] = []
+    real = trainer._compute_loss
+
+    def spy(model, inputs):
+        batches.append({k: inputs[k].clone() for k in ("prompt_ids", "completion_ids")})
+        return real(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    assert batches
+    decode = processor.tokenizer.decode
+    seen, prompts = set(), []
+    for batch in batches:
+        for prompt, completion in zip(batch["prompt_ids"], batch["completion_ids"], strict=True):
+            prompt_text, turn = decode(prompt), decode(completion)
+            seen.add(prompt_text.count("<tool_response>"))
+            prompts.append(prompt_text)
+            assert prompt_text.rstrip().endswith("<|im_start|>assistant"), prompt_text[-200:]
+            assert "<answer>" in turn and "<tool_call>" not in turn, turn
+    assert seen == expected
+    logged = [r for r in trainer.state.log_history if "evidence/policy_share" in r]
+    assert logged and logged[0]["evidence/policy_share"] == pytest.approx(sum(answered) / len(answered))
+    assert own_turns and all(any(turn in p for p in prompts) for turn in own_turns), own_turns  # its calls, verbatim
+    assert 0.0 <= logged[0]["evidence/policy_correct"] <= 1.0
 
 
 def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_path, monkeypatch):
