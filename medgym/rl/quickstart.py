@@ -5,10 +5,12 @@ shipped embedded policy on the held-out ones, runs a short GRPO continuation on 
 ones, evaluates again, and writes ``summary.html`` with ``summary.png`` (accuracy by stage
 before/after, and the GRPO curves).
 
-It is a smoke run of the loop (a few GRPO steps on a dozen held-out cases cannot show a gain
-beyond noise), in predicted tool mode, with constrained decoding. The run that measures what
-GRPO does is ``medgym train grpo --config configs/grpo_embedded.yaml`` (held-out learning curve)
-followed by ``medgym train bench`` (:data:`GAIN_COMMANDS`).
+The GRPO steps are the shipped recipe's (:data:`RECIPE_GRPO`, as ``configs/grpo_embedded_brief_t05.yaml``):
+the answer turn over the annotator expert's evidence (its calls run through the real tools), sampled at
+temperature 0.5. It is a smoke run of the loop (a few GRPO steps on a dozen held-out cases cannot show a
+gain beyond noise), in predicted tool mode, with constrained decoding. The runs that measure what GRPO
+does are :data:`GAIN_COMMANDS`: the recipe (its GRPO phase logs a held-out validation curve) and
+``medgym train bench``.
 """
 
 from __future__ import annotations
@@ -31,10 +33,28 @@ SMOKE_NOTE = (
     "What GRPO does to the policy is measured by: {commands}."
 )
 GAIN_COMMANDS = (
-    "medgym train grpo --config configs/grpo_embedded.yaml",
+    "bash scripts/embedded_recipe.sh",
     "medgym train bench --n 300 --tool-mode predicted --constrained --checkpoint embedded-sft=embedded-sft "
     "--checkpoint embedded=embedded",
 )
+# the GRPO settings of the shipped `embedded` (configs/grpo_embedded_brief_t05.yaml), on smaller batches
+RECIPE_GRPO: dict[str, Any] = {
+    "answer_evidence": "expert",
+    "max_tool_calling_iterations": 0,
+    "collapse_floor": 0.0,
+    "loss_on": "answer",
+    "advantage_floor": 0.0,
+    "mask_truncated_completions": True,
+    "temperature": 0.5,
+    "learning_rate": 1e-4,
+    "num_generations": 8,
+    "per_device_train_batch_size": 16,
+    "max_completion_length": 64,
+    "reward_weights": [1.0, 0.0, 0.1, 0.0, 1.0],
+    "beta": 0.0,
+    "constrained": True,
+    "segmenter": "threshold",
+}
 
 
 def _write_cases(folder: Path, first: int, n: int, progress: bool) -> None:
@@ -108,14 +128,9 @@ def run_quickstart(
         eval_seeds=[HELDOUT_FIRST, 0],
         max_steps=grpo_steps,
         save_steps=0,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=256,
-        learning_rate=1e-5,
-        beta=0.0,
-        constrained=True,
         disable_tqdm=not progress,
         tool_mode=tool_mode,
+        **RECIPE_GRPO,
     )
     grpo = run_grpo(cfg)
     lap("grpo", s)
