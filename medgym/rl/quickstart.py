@@ -5,7 +5,7 @@ shipped embedded policy on the held-out ones, runs a short GRPO continuation on 
 ones, evaluates again, and writes ``summary.html`` with ``summary.png`` (accuracy by stage
 before/after, and the GRPO curves).
 
-The GRPO steps are the shipped recipe's (:data:`RECIPE_GRPO`, as ``configs/grpo_embedded_brief_t05.yaml``):
+The GRPO steps are the brief-tool recipe's (:data:`RECIPE_GRPO`, as ``configs/grpo_embedded_brief_t05.yaml``):
 the answer turn over the annotator expert's evidence (its calls run through the real tools), sampled at
 temperature 0.5. It is a smoke run of the loop (a few GRPO steps on a dozen held-out cases cannot show a
 gain beyond noise), in predicted tool mode, with constrained decoding. The runs that measure what GRPO
@@ -37,7 +37,7 @@ GAIN_COMMANDS = (
     "medgym train bench --n 300 --tool-mode predicted --constrained --checkpoint embedded-sft=embedded-sft "
     "--checkpoint embedded=embedded",
 )
-# the GRPO settings of the shipped `embedded` (configs/grpo_embedded_brief_t05.yaml), on smaller batches
+# the GRPO settings of the brief-tool recipe (configs/grpo_embedded_brief_t05.yaml), on smaller batches
 RECIPE_GRPO: dict[str, Any] = {
     "answer_evidence": "expert",
     "max_tool_calling_iterations": 0,
