@@ -13,12 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-ROOT_COMMIT=8bf5fe8   # the last commit that shipped them
+# the shipped pair's folders as git trees (content hashes: the same in every clone, whatever the commits' ids)
+declare -A ROOT_TREE=(
+    [embedded-sft]=1f8c6de4c00c188ec2076104ed40a2ed514b77d0
+    [embedded]=06f0075b288df79ee6293f018771ddd9d7a33d80
+)
 
 for name in embedded-sft embedded; do
     if [ ! -f "runs/$name-v1/medgym.json" ]; then
         mkdir -p "runs/$name-v1"
-        git archive "$ROOT_COMMIT" "medgym/rl/checkpoints/$name" | tar -x --strip-components=4 -C "runs/$name-v1"
+        git archive "${ROOT_TREE[$name]}" | tar -x -C "runs/$name-v1"
     fi
 done
 [ "${1:-all}" = roots ] && exit 0
