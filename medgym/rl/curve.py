@@ -15,8 +15,10 @@ known to stop calling tools; when the frequency stays below ``collapse_floor`` f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
@@ -54,6 +56,26 @@ def heldout_row(summary: dict[str, Any]) -> dict[str, float]:
     return row
 
 
+@contextlib.contextmanager
+def live_backend(
+    model,
+    processor,
+    meta: dict[str, Any],
+    tool_mode: str,
+    constrained: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> Iterator[Any]:
+    """The live weights as an :class:`~medgym.agents.backends.EmbeddedBackend`: saved to a scratch folder and
+    loaded as a checkpoint, so the policy is prompted and decoded exactly as ``medgym eval --policy embedded:PATH``
+    would (``meta``'s or ``tools``' tool list, the system text of ``tool_mode``)."""
+    from medgym.agents.backends import EmbeddedBackend
+    from medgym.rl.policy_model import save
+
+    with tempfile.TemporaryDirectory() as folder:
+        save(model, processor, folder, meta, tool_mode, tools)
+        yield EmbeddedBackend(folder, constrained=constrained)
+
+
 class HeldOutCurve(TrainerCallback):
     """Held-out evaluation of the live policy every ``cfg.curve_every`` steps, written to ``metrics``."""
 
@@ -64,15 +86,12 @@ class HeldOutCurve(TrainerCallback):
         self.points: list[dict[str, Any]] = []
 
     def evaluate(self, model, processor, step: int) -> dict[str, Any]:
-        from medgym.agents.backends import EmbeddedBackend
         from medgym.environments.evaluate import evaluate
-        from medgym.rl.policy_model import save
 
         first, count = self.cfg.curve_seeds
         was_training = model.training
-        with tempfile.TemporaryDirectory() as folder:
-            save(model, processor, folder, {**self.meta, "model_id": f"grpo-step-{step}"}, self.cfg.tool_mode)
-            policy = EmbeddedBackend(folder, constrained=self.cfg.constrained)
+        meta = {**self.meta, "model_id": f"grpo-step-{step}"}
+        with live_backend(model, processor, meta, self.cfg.tool_mode, self.cfg.constrained) as policy:
             summary = evaluate(
                 policy, self.cfg.source, count, first, tool_mode=self.cfg.tool_mode, segmenter=self.cfg.segmenter
             )

@@ -211,11 +211,17 @@ class MedGymGRPOTrainer(GRPOTrainer):
         """Rows whose prompt is the annotator expert's episode up to its answer (``answer_evidence: expert``).
 
         The row's case comes from the env's own ``reset``, and the expert's calls run through that env,
-        so the results (text and pictures) are what the real tools return; the rows repeated for a group
-        share one build. The question pictures sit in the prompt's messages, so the ``images`` column goes.
+        so the results (text and pictures) are what the real tools return.
         """
         from medgym.rl.conversation import evidence_prompt
 
+        env = self._evidence_env
+        return self._evidence_rows(inputs, lambda row: evidence_prompt(env.case, env))
+
+    def _evidence_rows(self, inputs: list[dict[str, Any]], prompt_for) -> list[dict[str, Any]]:
+        """``inputs`` with each row's prompt ``prompt_for(row)``, called once per case right after the evidence
+        env's ``reset`` to it (the rows repeated for a group share one build); the ``images`` column goes, the
+        question pictures sitting in the prompt's messages."""
         env = self._evidence_env
         built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         rows = []
@@ -223,7 +229,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
             if key not in built:
                 env.reset(**row)
-                built[key] = evidence_prompt(env.case, env)
+                built[key] = prompt_for(row)
             rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
         return rows
 
@@ -245,36 +251,28 @@ class MedGymGRPOTrainer(GRPOTrainer):
         the episode ends without an answer the expert's evidence stands in. Logs ``evidence/policy_share``
         and ``evidence/policy_correct`` (the greedy episodes' accuracy on these training cases).
         """
-        import tempfile
-
-        from medgym.agents.backends import EmbeddedBackend
         from medgym.environments.evaluate import run_episode
         from medgym.rl.conversation import evidence_prompt
-        from medgym.rl.policy_model import save
+        from medgym.rl.curve import live_backend
 
         env = self._evidence_env
-        built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         own, right = [], []
-        with tempfile.TemporaryDirectory() as folder:
-            inner = self.accelerator.unwrap_model(self.model)
-            save(
-                inner, self.processing_class, folder, {"model_id": "grpo-live"}, self.args.tool_mode, self._prompt_tools
-            )
-            policy = EmbeddedBackend(folder, constrained=bool(getattr(self.args, "constrained", False)))
-            rows = []
-            for row in inputs:
-                key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
-                if key not in built:
-                    env.reset(**row)
-                    ep = run_episode(self._episode_env, policy, int(row["case_seed"]), case=env.case)
-                    final = ep["messages"][-1]
-                    answered = ep["terminated"] and final["role"] == "assistant" and "<answer>" in final["content"]
-                    own.append(answered)
-                    right.append(bool(ep["info"].get("correct")))
-                    built[key] = (
-                        policy.conversation(ep["messages"][:-1]) if answered else evidence_prompt(env.case, env)
-                    )
-                rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
+        inner = self.accelerator.unwrap_model(self.model)
+        constrained = bool(getattr(self.args, "constrained", False))
+        meta = {"model_id": "grpo-live"}
+        with live_backend(
+            inner, self.processing_class, meta, self.args.tool_mode, constrained, self._prompt_tools
+        ) as policy:
+
+            def own_episode(row: dict[str, Any]) -> list[dict[str, Any]]:
+                ep = run_episode(self._episode_env, policy, int(row["case_seed"]), case=env.case)
+                final = ep["messages"][-1]
+                answered = ep["terminated"] and final["role"] == "assistant" and "<answer>" in final["content"]
+                own.append(answered)
+                right.append(bool(ep["info"].get("correct")))
+                return policy.conversation(ep["messages"][:-1]) if answered else evidence_prompt(env.case, env)
+
+            rows = self._evidence_rows(inputs, own_episode)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["evidence/policy_share"].append(float(np.mean(own)))
         self._metrics[mode]["evidence/policy_correct"].append(float(np.mean(right)))
