@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The brief-tool recipe of the shipped embedded policies, phase by phase. Each phase is skipped when
-# its output is there; a killed phase continues from its newest checkpoint when the script runs again.
-# About 90 minutes on 2 CPU cores (the detect SFT ~30, the copy phases ~30, GRPO ~15).
+# The brief-tool recipe of the embedded policy (an experiment beside the shipped pair; docs/training_log.md),
+# phase by phase. Each phase is skipped when its output is there; a killed phase continues from its newest
+# checkpoint when the script runs again.
+# About 90 minutes on 2 CPU cores (detect SFT ~23, brief SFT ~14, copy probe ~10, copy SFT ~19, mixed SFT ~14,
+# GRPO ~15).
 #
-#   bash scripts/embedded_recipe.sh        # SFT phases (-> embedded-sft), then GRPO (-> embedded)
+#   bash scripts/embedded_recipe.sh        # SFT phases (-> runs/sft_embedded_mixed_brief), then GRPO
 #   bash scripts/embedded_recipe.sh sft    # SFT phases only
 #   bash scripts/embedded_recipe.sh roots  # only the two starting checkpoints below
 #
-# It starts from the policies shipped before this recipe (the oracle-era recipe continued on
+# It starts from the shipped policies (the oracle-era recipe continued on
 # predicted-mode conversations), taken from the repository's history into runs/embedded-sft-v1 and
 # runs/embedded-v1 (the no-tools baseline, configs/sft_notools_predicted.yaml, starts from the latter).
 set -euo pipefail
@@ -43,10 +45,10 @@ if [ ! -f runs/copy_probe_brief/medgym.json ]; then
     python scripts/copy_probe.py runs/sft_embedded_brief/final --system --steps 600 --batch 32 --out runs/copy_probe_brief
 fi
 sft configs/sft_embedded_copy_brief.yaml runs/sft_embedded_copy_brief
-sft configs/sft_embedded_mixed_brief.yaml runs/sft_embedded_mixed_brief   # embedded-sft
+sft configs/sft_embedded_mixed_brief.yaml runs/sft_embedded_mixed_brief   # the SFT to compare GRPO against
 [ "${1:-all}" = sft ] && exit 0
 
-out=runs/grpo_embedded_brief_t05   # embedded
+out=runs/grpo_embedded_brief_t05
 if [ -f "$out/final/medgym.json" ]; then echo "== $out: done"; exit 0; fi
 echo "== configs/grpo_embedded_brief_t05.yaml -> $out"
 medgym train grpo --config configs/grpo_embedded_brief_t05.yaml $(resume_flag "$out")
