@@ -28,6 +28,7 @@ SUMMARY_KEYS = (
     "policy",
     "tool_mode",
     "accuracy",
+    "answer_form",
     "by_stage",
     "n_by_stage",
     "mean_iou",
@@ -116,6 +117,7 @@ def evaluate(
         ENV_ID, source=source, record_to=record_to, model_id=policy.model_id, tool_mode=tool_mode, **env_kwargs
     )
     correct: dict[str, list[float]] = defaultdict(list)
+    in_form: list[bool] = []  # answered in the form the question asks (a letter, yes/no, a number, a box)
     ious: dict[str, list[float]] = defaultdict(list)
     rewards: list[float] = []
     steps: list[int] = []
@@ -133,6 +135,7 @@ def evaluate(
             seconds += ep["seconds"]
             truncated_n += int(ep["truncated"])
             correct[ep["case"].stage].append(1.0 if info.get("correct") else 0.0)
+            in_form.append((info.get("reward_parts") or {}).get("format") == 1.0)
             rewards.append(ep["reward"])
             if per_case is not None:
                 per_case.append(
@@ -140,6 +143,7 @@ def evaluate(
                         "seed": case_seed,
                         "stage": ep["case"].stage,
                         "correct": bool(info.get("correct")),
+                        "answer_form": in_form[-1],
                         "box_iou": float(info["box_iou"]) if "box_iou" in info else None,
                         "format_errors": ep["format_errors"],
                         "tool_calls": sum(ep["calls"].values()),
@@ -162,6 +166,7 @@ def evaluate(
         "policy": policy.model_id,
         "tool_mode": tool_mode,
         "accuracy": float(np.mean(all_correct)) if all_correct else 0.0,
+        "answer_form": float(np.mean(in_form)) if in_form else 0.0,
         "by_stage": {s: float(np.mean(correct[s])) for s in STAGES if correct[s]},
         "n_by_stage": {s: len(correct[s]) for s in STAGES if correct[s]},
         "mean_iou": mean(ious["box_iou"]),

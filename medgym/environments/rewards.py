@@ -273,16 +273,49 @@ def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: An
     return out
 
 
+def answer_in_form(predicted: str | None, box: Sequence[float] | None, answer_type: str, choices: Sequence[str] = ()) -> bool:
+    """Whether an answer takes the form its question asks for: a listed letter or choice (mc), yes or no
+    (yesno), a number (numeric), a box (box); any text for open questions. Says nothing of correctness.
+
+    >>> answer_in_form("B", None, "mc", ["liver", "spleen"]), answer_in_form("13.8", None, "mc", ["liver", "spleen"])
+    (True, False)
+    >>> answer_in_form("no", None, "yesno"), answer_in_form("1", None, "yesno"), answer_in_form("C", None, "numeric")
+    (True, False, False)
+    >>> answer_in_form("", [0, 0, 4, 4], "box"), answer_in_form("12.5 mm", None, "numeric")
+    (True, True)
+    """
+    if predicted is None:
+        return False
+    if answer_type == "mc":
+        return _mc_letter(predicted, choices) is not None
+    if answer_type == "yesno":
+        words = re.findall(r"[a-z]+", predicted.lower())
+        return bool(words) and words[0] in ("yes", "no")
+    if answer_type == "numeric":
+        return _NUMBER.search(predicted.replace(",", "")) is not None
+    if answer_type == "box":
+        return box is not None or parse_box(predicted.strip()) is not None
+    return bool(predicted.strip())
+
+
 def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
-    """1.0 when the final turn is a well-formed answer, else 0.0.
+    """1.0 when the final turn is a well-formed answer in the form its question asks for (``answer_type``,
+    ``choices`` columns, when given: a letter for a multiple choice, yes or no, a number, a box), else 0.0.
 
     >>> format_reward(["<answer>yes</answer>", "<answer>yes", '<tool_call>{"name": "zoom"}</tool_call>'])
     [1.0, 0.0, 0.0]
+    >>> format_reward(["<answer>B</answer>", "<answer>13.8</answer>"], answer_type=["mc", "mc"], choices=[["x", "y"]] * 2)
+    [1.0, 0.0]
     """
+    n = len(completions)
+    types, choices = _column(kwargs, "answer_type", n), _column(kwargs, "choices", n, [])
     out = []
-    for completion in completions:
+    for i, completion in enumerate(completions):
         action = parse_action(completion_text(completion))
-        out.append(float(action.error is None and action.answer is not None))
+        ok = action.error is None and action.answer is not None
+        if ok and types[i]:
+            ok = answer_in_form(action.answer, action.box, types[i], choices[i] or ())
+        out.append(float(ok))
     return out
 
 
@@ -357,6 +390,7 @@ __all__ = [
     "REWARD_FUNCS",
     "REWARD_WEIGHTS",
     "AnswerLengthPenalty",
+    "answer_in_form",
     "answer_reward",
     "box_iou",
     "format_reward",

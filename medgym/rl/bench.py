@@ -93,7 +93,7 @@ def run_bench(
             tool_mode=tool_mode,
             per_case=cases[name],
         )
-        keep = ("accuracy", "by_stage", "n_by_stage", "mean_iou", "mean_prompt_iou", "tool_calls", "tool_calls_by_name")
+        keep = ("accuracy", "answer_form", "by_stage", "n_by_stage", "mean_iou", "mean_prompt_iou", "tool_calls", "tool_calls_by_name")
         more = ("tool_errors", "format_errors", "format_error_rate", "mean_steps", "mean_reward", "seconds_per_turn")
         out[name] = {k: ev[k] for k in (*keep, *more)}
         out[name]["tool_calls_per_episode"] = ev["tool_calls"] / n
@@ -118,14 +118,15 @@ def run_bench(
 
 
 def bench_table(bench: dict[str, Any]) -> str:
-    """The bench as a Markdown table: accuracy overall and per stage (cases in brackets), IoU, tool use.
+    """The bench as a Markdown table: accuracy overall and per stage (cases in brackets), IoU, tool use, and the
+    share of answers in the form their question asks (a letter, yes/no, a number, a box; "-" in older benches).
 
     >>> row = {"accuracy": 0.5, "by_stage": {"measurement": 0.25}, "n_by_stage": {"measurement": 4},
-    ...        "mean_iou": 0.1, "tool_calls": 3, "format_errors": 2}
+    ...        "mean_iou": 0.1, "tool_calls": 3, "format_errors": 2, "answer_form": 0.75}
     >>> print(bench_table({"n": 4, "results": {"sft": row}}).splitlines()[2])
-    | sft | 0.500 | - | 0.250 (4) | - | - | 0.100 | 3 | 2 |
+    | sft | 0.500 | - | 0.250 (4) | - | - | 0.100 | 3 | 2 | 0.750 |
     """
-    head = ["policy", "accuracy", *STAGES, "mean IoU", "tool calls", "format errors"]
+    head = ["policy", "accuracy", *STAGES, "mean IoU", "tool calls", "format errors", "answer in form"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in bench["results"].items():
         by_stage, counts = r.get("by_stage", {}), r.get("n_by_stage", {})
@@ -138,6 +139,7 @@ def bench_table(bench: dict[str, Any]) -> str:
             f"{iou:.3f}" if iou is not None else "-",
             str(r.get("tool_calls", "-")),
             str(r.get("format_errors", "-")),
+            f"{r['answer_form']:.3f}" if r.get("answer_form") is not None else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     for pair, diff in bench.get("differences", {}).items():

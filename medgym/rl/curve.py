@@ -5,8 +5,9 @@ on a fixed set of held-out cases (``curve_seeds``, disjoint from ``train_seeds``
 tools (predicted mode by default) and greedy decoding, through the same :func:`medgym.environments.evaluate.evaluate`
 and :class:`medgym.agents.backends.EmbeddedBackend` that ``medgym eval --policy embedded:PATH`` uses
 (the weights are written to a scratch folder and loaded as a checkpoint: exactly the shipped path).
-Each point goes to ``metrics.jsonl`` as ``heldout/*`` keys: accuracy overall and per stage,
-grounding IoU of the model's boxes, format errors and tool calls per episode.
+Each point goes to ``metrics.jsonl`` as ``heldout/*`` keys: accuracy overall and per stage, the share of
+answers in the form their question asks, grounding IoU of the model's boxes, format errors and tool
+calls per episode.
 
 :class:`CollapseGuard` watches TRL's ``tools/call_frequency``: small policies trained with RL are
 known to stop calling tools; when the frequency stays below ``collapse_floor`` for
@@ -46,6 +47,7 @@ def heldout_row(summary: dict[str, Any]) -> dict[str, float]:
     n = max(int(summary["n"]), 1)
     row = {
         "heldout/accuracy": float(summary["accuracy"]),
+        "heldout/answer_form": float(summary["answer_form"]),
         "heldout/grounding_iou": float(summary["mean_iou"] or 0.0),
         "heldout/format_errors_per_episode": summary["format_errors"] / n,
         "heldout/format_error_rate": float(summary["format_error_rate"]),

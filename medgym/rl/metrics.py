@@ -24,6 +24,7 @@ GRPO_PANELS = [
     ("reward", ("reward",)),
     ("held-out accuracy", ("heldout/accuracy",)),
     ("held-out grounding IoU", ("heldout/grounding_iou",)),
+    ("held-out answers in the asked form", ("heldout/answer_form",)),
     ("held-out format errors / episode", ("heldout/format_errors_per_episode",)),
     ("tool-call frequency", ("tools/call_frequency",)),
     ("tool failure frequency", ("tools/failure_frequency",)),

@@ -81,6 +81,31 @@ def test_answer_ends_the_episode_with_reward_parts():
         env.step("<answer>again</answer>")
 
 
+def test_answer_in_the_wrong_form_earns_no_format_reward():
+    """A number to a lettered question parses but is not an answer to it: format 0, as the evaluation counts it."""
+    from medgym.environments.evaluate import evaluate
+
+    class Number:
+        model_id = "number"
+
+        def next_turn(self, messages, *, temperature=0.0):
+            return "<answer>13.8</answer>"
+
+    rows: list[dict] = []
+    summary = evaluate(Number(), n=12, seed=0, segmenter="threshold", per_case=rows)
+    env = make()
+    kinds = []
+    for seed in range(12):
+        env.reset(seed=seed, options={"case_seed": seed})
+        kinds.append(env.unwrapped.case.answer_type)
+        *_, info = env.step("<answer>13.8</answer>")
+        assert info["reward_parts"]["format"] == float(kinds[-1] == "numeric")
+    assert {"numeric"} < set(kinds)  # both forms among these cases
+    assert [r["answer_form"] for r in rows] == [k == "numeric" for k in kinds]
+    assert summary["answer_form"] == pytest.approx(np.mean([k == "numeric" for k in kinds]))
+    assert summary["format_errors"] == 0  # well formed: the form is scored, not rejected
+
+
 def test_step_budget_truncates():
     env = make()
     env.reset(seed=2)
