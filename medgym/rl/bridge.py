@@ -21,6 +21,7 @@ function hands the completion to :func:`finish_rollout`. Such traces replay with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -82,6 +83,8 @@ class MedGymToolEnv:
             self._sources[source, stages] = stage_source(source, list(stages))
         self._source_key = (source, stages)
         start_case(self, self._sources[source, stages].case(int(row["case_seed"])))
+        if row.get("tool_context") is not None:  # the prompt's calls already ran (an evidence prompt): their state
+            self.ctx = snapshot_context(row["tool_context"])
         return None
 
     @property
@@ -105,6 +108,14 @@ class MedGymToolEnv:
 
 for _name, _spec in TOOLS.items():
     setattr(MedGymToolEnv, _name, tool_method(_spec))
+
+
+def snapshot_context(ctx: ToolContext) -> ToolContext:
+    """A copy of a tool context that later calls can extend without touching the original: its own mask and
+    candidate tables (the arrays are shared; no tool edits a mask in place)."""
+    return dataclasses.replace(
+        ctx, masks=dict(ctx.masks), candidates={study: list(found) for study, found in ctx.candidates.items()}
+    )
 
 
 def stage_source(source: str, stages: list[str] | None = None):
@@ -162,4 +173,12 @@ def ok_calls_among_first(env: MedGymToolEnv, k: int) -> int:
     return sum(c.ok for c in env.calls[:k])
 
 
-__all__ = ["CallRecord", "MedGymToolEnv", "finish_rollout", "ok_calls_among_first", "stage_source", "start_case"]
+__all__ = [
+    "CallRecord",
+    "MedGymToolEnv",
+    "finish_rollout",
+    "ok_calls_among_first",
+    "snapshot_context",
+    "stage_source",
+    "start_case",
+]

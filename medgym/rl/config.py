@@ -284,7 +284,10 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "more answers a second, the calls not trained; needs max_tool_calling_iterations 0 and collapse_floor 0) "
         "or 'policy' (as 'expert', but the prompt is the live policy's own greedy episode up to its answer, "
         "with its own calls and their real results, as it meets them when evaluated; the expert's where the "
-        "policy's episode ends without an answer).",
+        "policy's episode ends without an answer). With max_tool_calling_iterations > 0 the rollout of an "
+        "'expert' or 'policy' prompt is that episode's last turn continued: it may call tools (their state, "
+        "masks and detect's candidates, as the prompt's calls left it) before it answers, so the choice to "
+        "answer or to look further is trained too (loss_on: all).",
         default="rollout",
     )
     tool_failure_weight: float = _help(
@@ -299,10 +302,10 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
             raise ValueError(f"loss_on must be 'all' or 'answer', not {self.loss_on!r}")
         if self.answer_evidence not in ("rollout", "expert", "policy"):
             raise ValueError(f"answer_evidence must be 'rollout', 'expert' or 'policy', not {self.answer_evidence!r}")
-        if self.answer_evidence != "rollout" and (self.max_tool_calling_iterations or self.collapse_floor):
+        if self.answer_evidence != "rollout" and self.collapse_floor:
             raise ValueError(
-                f"answer_evidence {self.answer_evidence!r} trains the answer turn alone: set max_tool_calling_iterations: 0 "
-                "(the turn is an answer) and collapse_floor: 0 (rollouts call no tool)"
+                f"answer_evidence {self.answer_evidence!r} trains the end of an episode, where few rollouts call a "
+                "tool: set collapse_floor: 0"
             )
         if self.tool_failure_weight < 0:
             raise ValueError("tool_failure_weight must be >= 0 (it weighs a penalty)")

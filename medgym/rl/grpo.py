@@ -36,7 +36,7 @@ from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_ca
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
-from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
+from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, snapshot_context, stage_source
 from medgym.rl.conversation import prompt_messages
 
 if TYPE_CHECKING:
@@ -216,21 +216,26 @@ class MedGymGRPOTrainer(GRPOTrainer):
         from medgym.rl.conversation import evidence_prompt
 
         env = self._evidence_env
-        return self._evidence_rows(inputs, lambda row: evidence_prompt(env.case, env))
+        return self._evidence_rows(inputs, lambda row: (evidence_prompt(env.case, env), env.ctx))
 
     def _evidence_rows(self, inputs: list[dict[str, Any]], prompt_for) -> list[dict[str, Any]]:
-        """``inputs`` with each row's prompt ``prompt_for(row)``, called once per case right after the evidence
-        env's ``reset`` to it (the rows repeated for a group share one build); the ``images`` column goes, the
-        question pictures sitting in the prompt's messages."""
+        """``inputs`` with each row's prompt from ``prompt_for(row)``, called once per case right after the
+        evidence env's ``reset`` to it (the rows repeated for a group share one build); the ``images`` column
+        goes, the question pictures sitting in the prompt's messages. ``prompt_for`` returns the prompt and the
+        tool context its calls left (masks, detect's candidates), which the row carries as ``tool_context``:
+        a rollout that calls a tool before it answers (``max_tool_calling_iterations`` > 0) continues from it."""
         env = self._evidence_env
-        built: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        built: dict[tuple[Any, ...], tuple[list[dict[str, Any]], Any]] = {}
         rows = []
         for row in inputs:
             key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
             if key not in built:
                 env.reset(**row)
-                built[key] = prompt_for(row)
-            rows.append({**{k: v for k, v in row.items() if k != "images"}, "prompt": built[key]})
+                prompt, context = prompt_for(row)
+                built[key] = (prompt, snapshot_context(context))
+            prompt, context = built[key]
+            kept = {k: v for k, v in row.items() if k != "images"}
+            rows.append({**kept, "prompt": prompt, "tool_context": context})
         return rows
 
     @functools.cached_property
@@ -270,7 +275,9 @@ class MedGymGRPOTrainer(GRPOTrainer):
                 answered = ep["terminated"] and final["role"] == "assistant" and "<answer>" in final["content"]
                 own.append(answered)
                 right.append(bool(ep["info"].get("correct")))
-                return policy.conversation(ep["messages"][:-1]) if answered else evidence_prompt(env.case, env)
+                if answered:
+                    return policy.conversation(ep["messages"][:-1]), self._episode_env.unwrapped.ctx
+                return evidence_prompt(env.case, env), env.ctx
 
             rows = self._evidence_rows(inputs, own_episode)
         mode = "train" if self.model.training else "eval"

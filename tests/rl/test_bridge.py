@@ -68,3 +68,25 @@ def test_reset_rebuilds_the_prompted_case_from_a_stage_restricted_source():
     # Without the stages column the same seed names a case of the full mix, which differs here.
     unrestricted = [PhantomSource().case(s).template for s in (5, 6, 7)]
     assert unrestricted != [PhantomSource(stages=stages).case(s).template for s in (5, 6, 7)]
+
+
+def test_reset_with_a_tool_context_continues_its_calls():
+    """A row's ``tool_context`` (the state an evidence prompt's calls left) is where the rollout's tools start: its
+    masks can be measured, and a new mask is the rollout's own, not the shared evidence's."""
+    from medgym.rl.bridge import MedGymToolEnv
+    from medgym.rl.conversation import evidence_prompt
+
+    evidence = MedGymToolEnv(segmenter="threshold", tool_mode="predicted")
+    evidence.reset(case_seed=700000)
+    evidence_prompt(evidence.case, evidence)  # the expert's calls, run through the real tools
+    before = dict(evidence.ctx.masks)
+    assert before, "the expert segmented nothing on this case"
+
+    rollout = MedGymToolEnv(segmenter="threshold", tool_mode="predicted")
+    rollout.reset(case_seed=700000, tool_context=evidence.ctx)
+    assert rollout.measure(target="mask_1").startswith("[measure] mask_1: longest diameter")
+    rollout.segment(box=[60, 100, 110, 150])
+    assert len(rollout.ctx.masks) == len(before) + 1 and evidence.ctx.masks == before
+    fresh = MedGymToolEnv(segmenter="threshold", tool_mode="predicted")
+    fresh.reset(case_seed=700000)
+    assert "Error" in fresh.measure(target="mask_1")  # without it, the masks are not there

@@ -434,13 +434,50 @@ def test_answer_only_loss_covers_the_last_turn_and_no_call(trainer_parts, tmp_pa
     assert with_tools and trained_rows, "no rollout called a tool, or none answered"
 
 
-def test_expert_evidence_needs_answer_only_rollouts(tmp_path):
-    with pytest.raises(ValueError, match="max_tool_calling_iterations: 0"):
-        _args(tmp_path, answer_evidence="expert")
-    with pytest.raises(ValueError, match="max_tool_calling_iterations: 0"):
-        _args(tmp_path, answer_evidence="policy")
+def test_evidence_prompts_need_no_collapse_floor(tmp_path):
+    with pytest.raises(ValueError, match="collapse_floor: 0"):
+        _args(tmp_path, answer_evidence="expert", collapse_floor=0.1)
+    with pytest.raises(ValueError, match="collapse_floor: 0"):
+        _args(tmp_path, answer_evidence="policy", collapse_floor=0.1)
     with pytest.raises(ValueError, match="answer_evidence"):
         _args(tmp_path, answer_evidence="teacher")
+
+
+def test_evidence_rollouts_continue_with_the_prompts_tool_state(trainer_parts, tmp_path):
+    """With tool rounds, a rollout of an evidence prompt continues that episode: its env starts with the masks
+    and candidates the prompt's calls made, and what a rollout adds stays its own (the evidence's state, shared
+    by its group, is unchanged). Calls on that state: tests/rl/test_bridge.py."""
+    from medgym.environments.expert import expert_calls
+    from medgym.rl.bridge import stage_source
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        constrained=True,
+        answer_evidence="expert",
+        max_tool_calling_iterations=1,
+        collapse_floor=0.0,
+    )
+    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
+    rows: list[dict] = []
+    real = trainer._expert_evidence
+
+    def spy(inputs):
+        out = real(inputs)
+        rows.extend(out)
+        return out
+
+    trainer._expert_evidence = spy
+    seen = _train_keeping_completions(trainer)
+    assert rows and seen
+    source = stage_source("phantom", dataset[0]["stages"])
+    for row in rows:
+        segments = sum(c.name == "segment" for c in expert_calls(source.case(row["case_seed"]), "predicted"))
+        assert len(row["tool_context"].masks) == segments  # the expert's masks, none a rollout added
+    for env, row in zip(trainer.environments, rows[-len(trainer.environments) :], strict=True):
+        assert set(row["tool_context"].masks) <= set(env.ctx.masks)  # the rollout started from them
 
 
 def test_expert_evidence_rollouts_answer_after_the_experts_real_tool_results(trainer_parts, tmp_path):
