@@ -178,11 +178,12 @@ class MedGymGRPOTrainer(GRPOTrainer):
             inputs = self._policy_evidence(inputs)
         out = super()._generate_and_score_completions(inputs)
         types, image_id = out.get("mm_token_type_ids"), getattr(self.model.config, "image_token_id", None)
-        width = out["prompt_ids"].size(1) + out["completion_ids"].size(1)
-        if types is not None and types.size(1) != width and image_id is not None:
+        if types is not None and image_id is not None:
             # TRL re-renders prompts with its own chat-template helper for the image fields; a prompt holding
-            # earlier assistant calls (answer_evidence: expert) renders a few tokens apart from the ids generated
-            # from, so the token types are rebuilt from those ids (as TRL does after a tool image)
+            # earlier assistant calls (answer_evidence: expert or policy) renders a few tokens apart from the ids
+            # generated from, shifting the token types against the ids (at the same width or not), and the
+            # multimodal RoPE then places the pictures wrongly: the loss pass scored other log-probs than the
+            # policy's. The types are rebuilt from the ids themselves (as TRL does after a tool image).
             ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
             out["mm_token_type_ids"] = (ids == image_id).to(types.dtype)
         if getattr(self.args, "loss_on", "all") == "answer" and out.get("tool_mask") is not None:

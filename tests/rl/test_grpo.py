@@ -643,3 +643,69 @@ def test_rollout_prompts_show_the_checkpoints_own_tool_list(trainer_parts, tmp_p
     )
     for text in prompts:
         assert expected in text and '"description"' not in text
+
+
+@pytest.mark.parametrize("evidence", ["expert", "policy"])
+def test_evidence_loss_pass_scores_what_the_policy_sampled_from(trainer_parts, tmp_path, evidence, monkeypatch):
+    """The loss pass's log-probs of each answer equal a plain forward of that row alone (its ids and its own
+    pictures): the pictures in the right places (TRL's re-rendered token types of an evidence prompt sit a few
+    tokens off the ids; rebuilt from the ids, they match)."""
+    from trl import GRPOTrainer
+
+    from medgym.agents.backends import conversation_images
+    from medgym.rl.grpo import make_trainer
+
+    trl_scores = GRPOTrainer._generate_and_score_completions
+
+    def types_off_by_three(self, inputs):  # as TRL's re-render can leave them: the same width, shifted
+        out = trl_scores(self, inputs)
+        out["mm_token_type_ids"] = out["mm_token_type_ids"].roll(3, dims=1)
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", types_off_by_three)
+    model, processor, dataset = trainer_parts
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        constrained=True,
+        answer_evidence=evidence,
+        max_tool_calling_iterations=0,
+        collapse_floor=0.0,
+    )
+    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
+    rows, outs = [], []
+    build = trainer._expert_evidence if evidence == "expert" else trainer._policy_evidence
+    real_gen = trainer._generate_and_score_completions
+
+    def keep_rows(inputs):
+        out = build(inputs)
+        rows.extend(out)
+        return out
+
+    def keep_out(inputs):
+        out = real_gen(inputs)
+        outs.append(out)
+        return out
+
+    setattr(trainer, "_expert_evidence" if evidence == "expert" else "_policy_evidence", keep_rows)
+    trainer._generate_and_score_completions = keep_out
+    trainer.train()
+    out, image_id = outs[0], model.config.image_token_id
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    assert torch.equal(out["mm_token_type_ids"].bool(), ids == image_id)
+    model.eval()
+    fields = {k: out.get(k) for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "num_images")}
+    with torch.no_grad():
+        batched = trainer._get_per_token_logps_and_entropies(
+            model, ids, mask, out["completion_ids"].size(1), batch_size=len(rows), **fields
+        )[0]
+    for i, row in enumerate(rows):
+        pictures = processor.image_processor(images=conversation_images(row["prompt"]), return_tensors="pt")
+        completion = out["completion_ids"][i][out["completion_mask"][i].bool()]
+        alone = torch.cat([out["prompt_ids"][i][out["prompt_mask"][i].bool()], completion]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=alone, mm_token_type_ids=(alone == image_id).long(), **pictures).logits[0]
+        n = len(completion)
+        plain = torch.log_softmax(logits[-n - 1 : -1].float(), -1).gather(1, completion[:, None])[:, 0]
+        torch.testing.assert_close(batched[i][:n], plain, atol=1e-3, rtol=1e-3)
