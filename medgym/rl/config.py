@@ -281,7 +281,7 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "What the answer turn reads: 'rollout' (the policy's own tool calls, run through the env: TRL's "
         "multi-turn loop) or 'expert' (the annotator expert's calls and the real tools' results, built per "
         "case, end the prompt and each rollout is the answer turn alone: GRPO on what the answer says, many "
-        "more answers a second, the calls not trained; needs max_tool_calling_iterations 0 and collapse_floor 0) "
+        "more answers a second, the calls not trained, with max_tool_calling_iterations 0; needs collapse_floor 0) "
         "or 'policy' (as 'expert', but the prompt is the live policy's own greedy episode up to its answer, "
         "with its own calls and their real results, as it meets them when evaluated; the expert's where the "
         "policy's episode ends without an answer). With max_tool_calling_iterations > 0 the rollout of an "
