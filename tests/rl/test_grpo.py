@@ -29,6 +29,24 @@ def _args(tmp_path, **kw):
     )
 
 
+def _evidence_args(tmp_path, evidence, **kw):
+    """One step of GRPO over ``answer_evidence`` prompts: constrained, the answer turn alone unless ``kw`` gives tool rounds."""
+    kw.setdefault("max_tool_calling_iterations", 0)
+    return _args(tmp_path, max_steps=1, constrained=True, answer_evidence=evidence, collapse_floor=0.0, **kw)
+
+
+def _record_returns(trainer, name: str) -> list:
+    """Wrap ``trainer.<name>`` so every value it returns is also appended to the returned list."""
+    real, kept = getattr(trainer, name), []
+
+    def recorded(*args, **kwargs):
+        kept.append(real(*args, **kwargs))
+        return kept[-1]
+
+    setattr(trainer, name, recorded)
+    return kept
+
+
 def length_signal(completions, **kwargs):
     """A test-only reward that always differs within a group, so advantages (and gradients) are non-zero."""
     from medgym.environments.parsing import completion_text
@@ -452,29 +470,15 @@ def test_evidence_rollouts_continue_with_the_prompts_tool_state(trainer_parts, t
     from medgym.rl.grpo import make_trainer
 
     model, processor, dataset = trainer_parts
-    args = _args(
-        tmp_path,
-        max_steps=1,
-        constrained=True,
-        answer_evidence="expert",
-        max_tool_calling_iterations=1,
-        collapse_floor=0.0,
-    )
+    args = _evidence_args(tmp_path, "expert", max_tool_calling_iterations=1)
     trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
-    rows: list[dict] = []
-    real = trainer._expert_evidence
-
-    def spy(inputs):
-        out = real(inputs)
-        rows.extend(out)
-        return out
-
-    trainer._expert_evidence = spy
+    built = _record_returns(trainer, "_expert_evidence")
     seen = _train_keeping_completions(trainer)
+    rows = [row for batch in built for row in batch]
     assert rows and seen
     source = stage_source("phantom", dataset[0]["stages"])
     for row in rows:
-        segments = sum(c.name == "segment" for c in expert_calls(source.case(row["case_seed"]), "predicted"))
+        segments = sum(c.name == "segment" for c in expert_calls(source.case(row["case_seed"]), args.tool_mode))
         assert len(row["tool_context"].masks) == segments  # the expert's masks, none a rollout added
     for env, row in zip(trainer.environments, rows[-len(trainer.environments) :], strict=True):
         assert set(row["tool_context"].masks) <= set(env.ctx.masks)  # the rollout started from them
@@ -488,15 +492,9 @@ def test_expert_evidence_rollouts_answer_after_the_experts_real_tool_results(tra
     from medgym.rl.grpo import make_trainer
 
     model, processor, dataset = trainer_parts
-    args = _args(
-        tmp_path,
-        max_steps=1,
-        constrained=True,
-        answer_evidence="expert",
-        max_tool_calling_iterations=0,
-        collapse_floor=0.0,
+    trainer = make_trainer(
+        model, processor, dataset, _evidence_args(tmp_path, "expert"), extra_rewards=[(length_signal, 0.1)]
     )
-    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
     batches: list[dict] = []
     real = trainer._compute_loss
 
@@ -548,15 +546,7 @@ def test_policy_evidence_prompts_are_the_policys_own_episode(trainer_parts, tiny
             own_turns += [m["content"].strip() for m in ep["messages"][:-1] if m["role"] == "assistant"]
         else:
             expected.add(len(expert_calls(tiny_source.case(seed), "oracle")))
-    args = _args(
-        tmp_path,
-        max_steps=1,
-        constrained=True,
-        answer_evidence="policy",
-        max_tool_calling_iterations=0,
-        collapse_floor=0.0,
-        segmenter="threshold",
-    )
+    args = _evidence_args(tmp_path, "policy", segmenter="threshold")
     trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
     batches: list[dict] = []
     real = trainer._compute_loss
@@ -591,15 +581,7 @@ def test_group_prompt_log_probs_equal_trls_batched_forward(trainer_parts, tmp_pa
     import medgym.rl.grpo as grpo
 
     model, processor, dataset = trainer_parts
-    args = _args(
-        tmp_path,
-        max_steps=1,
-        num_generations=2,
-        constrained=True,
-        answer_evidence="expert",
-        max_tool_calling_iterations=0,
-        collapse_floor=0.0,
-    )
+    args = _evidence_args(tmp_path, "expert", num_generations=2)
     trainer = grpo.make_trainer(model, processor, dataset, args)
     captured, ours = _spy_logp_pass(monkeypatch)
     grouped = []
@@ -664,32 +646,13 @@ def test_evidence_loss_pass_scores_what_the_policy_sampled_from(trainer_parts, t
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", types_off_by_three)
     model, processor, dataset = trainer_parts
-    args = _args(
-        tmp_path,
-        max_steps=1,
-        constrained=True,
-        answer_evidence=evidence,
-        max_tool_calling_iterations=0,
-        collapse_floor=0.0,
+    trainer = make_trainer(
+        model, processor, dataset, _evidence_args(tmp_path, evidence), extra_rewards=[(length_signal, 0.1)]
     )
-    trainer = make_trainer(model, processor, dataset, args, extra_rewards=[(length_signal, 0.1)])
-    rows, outs = [], []
-    build = trainer._expert_evidence if evidence == "expert" else trainer._policy_evidence
-    real_gen = trainer._generate_and_score_completions
-
-    def keep_rows(inputs):
-        out = build(inputs)
-        rows.extend(out)
-        return out
-
-    def keep_out(inputs):
-        out = real_gen(inputs)
-        outs.append(out)
-        return out
-
-    setattr(trainer, "_expert_evidence" if evidence == "expert" else "_policy_evidence", keep_rows)
-    trainer._generate_and_score_completions = keep_out
+    built = _record_returns(trainer, f"_{evidence}_evidence")
+    outs = _record_returns(trainer, "_generate_and_score_completions")
     trainer.train()
+    rows = built[0]
     out, image_id = outs[0], model.config.image_token_id
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
