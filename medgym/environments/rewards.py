@@ -68,6 +68,23 @@ def _mc_letter(text: str, choices: Sequence[str]) -> str | None:
     return None
 
 
+def _first_word(text: str) -> str | None:
+    """The first word of an answer, lower case (how a yes/no answer is read)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words else None
+
+
+def _first_number(text: str) -> float | None:
+    """The first number of an answer, thousands commas ignored (how a numeric answer is read)."""
+    found = _NUMBER.search(text.replace(",", ""))
+    return float(found.group()) if found else None
+
+
+def _answered_box(text: str, box: Sequence[float] | None) -> Sequence[float] | None:
+    """The answer's box: its ``<box>``, else a box written as the answer itself."""
+    return box if box is not None else parse_box(text.strip())
+
+
 def score_answer(
     predicted: str | None,
     box: Sequence[float] | None,
@@ -104,13 +121,12 @@ def score_answer(
     if answer_type == "mc":
         return float(_mc_letter(predicted, choices) == answer.strip().upper())
     if answer_type == "yesno":
-        words = re.findall(r"[a-z]+", predicted.lower())
-        return float(bool(words) and words[0] == answer.strip().lower())
+        return float(_first_word(predicted) == answer.strip().lower())
     if answer_type == "numeric":
-        found = _NUMBER.search(predicted.replace(",", ""))
-        if not found:
+        value = _first_number(predicted)
+        if value is None:
             return 0.0
-        value, truth = float(found.group()), float(answer)
+        truth = float(answer)
         band = max(tolerance * abs(truth), abs_tolerance)
         err = abs(value - truth)
         if err <= band + 1e-9:
@@ -118,7 +134,7 @@ def score_answer(
         return 0.5 if band > 0 and err <= LOOSE_BAND * band else 0.0
     if answer_type == "box":
         truth_box = answer_box if answer_box is not None else parse_box(answer)
-        pred_box = box if box is not None else parse_box(predicted.strip())
+        pred_box = _answered_box(predicted, box)
         if truth_box is None or pred_box is None:
             return 0.0
         return float(box_iou(pred_box, truth_box) >= 0.5)
@@ -289,12 +305,11 @@ def answer_in_form(predicted: str | None, box: Sequence[float] | None, answer_ty
     if answer_type == "mc":
         return _mc_letter(predicted, choices) is not None
     if answer_type == "yesno":
-        words = re.findall(r"[a-z]+", predicted.lower())
-        return bool(words) and words[0] in ("yes", "no")
+        return _first_word(predicted) in ("yes", "no")
     if answer_type == "numeric":
-        return _NUMBER.search(predicted.replace(",", "")) is not None
+        return _first_number(predicted) is not None
     if answer_type == "box":
-        return box is not None or parse_box(predicted.strip()) is not None
+        return _answered_box(predicted, box) is not None
     return bool(predicted.strip())
 
 

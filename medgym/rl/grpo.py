@@ -36,7 +36,7 @@ from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_ca
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
 from medgym.environments.rewards import REWARD_FUNCS, REWARD_WEIGHTS
-from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, snapshot_context, stage_source
+from medgym.rl.bridge import MedGymToolEnv, ok_calls_among_first, stage_source
 from medgym.rl.conversation import prompt_messages
 
 if TYPE_CHECKING:
@@ -224,7 +224,8 @@ class MedGymGRPOTrainer(GRPOTrainer):
         evidence env's ``reset`` to it (the rows repeated for a group share one build); the ``images`` column
         goes, the question pictures sitting in the prompt's messages. ``prompt_for`` returns the prompt and the
         tool context its calls left (masks, detect's candidates), which the row carries as ``tool_context``:
-        a rollout that calls a tool before it answers (``max_tool_calling_iterations`` > 0) continues from it."""
+        a rollout that calls a tool before it answers (``max_tool_calling_iterations`` > 0) continues from a
+        copy of it (``MedGymToolEnv.reset``); no env touches it again, its next reset starting a new one."""
         env = self._evidence_env
         built: dict[tuple[Any, ...], tuple[list[dict[str, Any]], Any]] = {}
         rows = []
@@ -232,8 +233,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             key = (row.get("source"), tuple(row.get("stages") or ()), int(row["case_seed"]))
             if key not in built:
                 env.reset(**row)
-                prompt, context = prompt_for(row)
-                built[key] = (prompt, snapshot_context(context))
+                built[key] = prompt_for(row)
             prompt, context = built[key]
             kept = {k: v for k, v in row.items() if k != "images"}
             rows.append({**kept, "prompt": prompt, "tool_context": context})
