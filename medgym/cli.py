@@ -80,12 +80,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         segmenter=args.segmenter,
         tool_mode=args.tool_mode,
         temperature=args.temperature,
+        blind=args.blind,
     )
     if args.json:
         print(json.dumps(summary))
     else:
         print(
-            f"{summary['policy']} on {summary['n']} {summary['source']} cases ({summary['tool_mode']} tools): "
+            f"{summary['policy']} on {summary['n']} {summary['source']} cases ({summary['tool_mode']} tools"
+            f"{', blind' if summary['blind'] else ''}): "
             f"accuracy {summary['accuracy']:.3f}"
         )
         for stage, acc in summary["by_stage"].items():
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="decode the policy under the turn grammar so every turn parses (local models; openai: sends the "
         "grammar as vLLM's structured_outputs); off by default, so format errors are measured",
+    )
+    e.add_argument(
+        "--blind",
+        action="store_true",
+        help="the policy reads every picture black while its tools still see the study: blind minus normal "
+        "accuracy is what looking adds",
     )
     e.add_argument("--source", default="phantom")
     e.add_argument("--n", type=_positive, default=50)

@@ -27,6 +27,7 @@ SUMMARY_KEYS = (
     "source",
     "policy",
     "tool_mode",
+    "blind",
     "accuracy",
     "answer_form",
     "by_stage",
@@ -48,11 +49,28 @@ SUMMARY_KEYS = (
 )
 
 
+def blinded(messages: list[Message]) -> list[Message]:
+    """``messages`` with every picture replaced by a black one of the same shape: what a policy reads when it
+    cannot look, while its tools still work on the study (their text results are kept).
+
+    >>> m = blinded([{"role": "user", "content": "q", "images": [np.full((2, 3, 3), 200, np.uint8)]}])
+    >>> m[0]["images"][0].shape, int(m[0]["images"][0].max()), m[0]["content"]
+    ((2, 3, 3), 0, 'q')
+    """
+    return [{**m, "images": [np.zeros_like(np.asarray(im)) for im in m.get("images") or []]} for m in messages]
+
+
 def run_episode(
-    env: gym.Env, policy: Policy, case_seed: int, temperature: float = 0.0, case: Case | None = None
+    env: gym.Env,
+    policy: Policy,
+    case_seed: int,
+    temperature: float = 0.0,
+    case: Case | None = None,
+    blind: bool = False,
 ) -> dict[str, Any]:
     """One episode of ``policy`` on the case of ``case_seed`` (or on ``case`` itself): turns, calls, final info,
-    and the contract messages it read and wrote (``messages``; the last is its final turn)."""
+    and the contract messages it read and wrote (``messages``; the last is its final turn). ``blind``: the
+    policy reads every picture black (:func:`blinded`); the tools and the scoring still see the study."""
     options: dict[str, Any] = {"case": case} if case is not None else {"case_seed": case_seed}
     obs, info = env.reset(seed=case_seed, options=options)
     base = env.unwrapped
@@ -66,7 +84,7 @@ def run_episode(
     all_records: list = []
     while not (terminated or truncated):
         t0 = time.perf_counter()
-        action = bound.next_turn(messages, temperature=temperature)
+        action = bound.next_turn(blinded(messages) if blind else messages, temperature=temperature)
         seconds += time.perf_counter() - t0
         obs, reward, terminated, truncated, info = env.step(action)
         turns += 1
@@ -105,12 +123,15 @@ def evaluate(
     tool_mode: str = DEFAULT_TOOL_MODE,
     temperature: float = 0.0,
     per_case: list[dict[str, Any]] | None = None,
+    blind: bool = False,
     **env_kwargs: Any,
 ) -> dict[str, Any]:
     """Episodes for case seeds ``seed .. seed + n - 1``; returns the summary dict the CLI prints (:data:`SUMMARY_KEYS`).
 
     ``per_case``, a list, receives one row per episode (seed, stage, correct, box IoU, format errors,
-    tool calls): what paired comparisons (bootstrap intervals) between policies need.
+    tool calls): what paired comparisons (bootstrap intervals) between policies need. ``blind``: the policy
+    reads every picture black while its tools still see the study, so blind minus normal accuracy is what
+    looking adds (recorded as the summary's ``blind``).
     """
     record_to = Path(out) / "traces.jsonl" if out is not None else None
     env = gym.make(
@@ -126,7 +147,7 @@ def evaluate(
     seconds = 0.0
     try:
         for case_seed in tqdm(range(seed, seed + n), disable=not progress, desc="eval", unit="case"):
-            ep = run_episode(env, policy, case_seed, temperature)
+            ep = run_episode(env, policy, case_seed, temperature, blind=blind)
             info = ep["info"]
             steps.append(ep["turns"])
             calls.update(ep["calls"])
@@ -165,6 +186,7 @@ def evaluate(
         "source": source,
         "policy": policy.model_id,
         "tool_mode": tool_mode,
+        "blind": blind,
         "accuracy": float(np.mean(all_correct)) if all_correct else 0.0,
         "answer_form": float(np.mean(in_form)) if in_form else 0.0,
         "by_stage": {s: float(np.mean(correct[s])) for s in STAGES if correct[s]},

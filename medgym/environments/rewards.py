@@ -289,7 +289,9 @@ def grounding_reward(completions: list[Any], answer_box: list[Any], **kwargs: An
     return out
 
 
-def answer_in_form(predicted: str | None, box: Sequence[float] | None, answer_type: str, choices: Sequence[str] = ()) -> bool:
+def answer_in_form(
+    predicted: str | None, box: Sequence[float] | None, answer_type: str, choices: Sequence[str] = ()
+) -> bool:
     """Whether an answer takes the form its question asks for: a listed letter or choice (mc), yes or no
     (yesno), a number (numeric), a box (box); any text for open questions. Says nothing of correctness.
 

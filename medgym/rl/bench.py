@@ -37,6 +37,19 @@ def is_prior(path: str) -> bool:
     return parse_spec(path)[0] == "prior"
 
 
+BLIND = "blind:"
+
+
+def blind_spec(path: str) -> tuple[bool, str]:
+    """``blind:SPEC`` names the policy of SPEC reading every picture black (its tools still see the study):
+    whether it is blind, and SPEC.
+
+    >>> blind_spec("blind:embedded"), blind_spec("runs/x/final")
+    ((True, 'embedded'), (False, 'runs/x/final'))
+    """
+    return (True, path[len(BLIND) :]) if path.startswith(BLIND) else (False, path)
+
+
 def run_bench(
     checkpoints: dict[str, str],
     n: int = 30,
@@ -54,6 +67,8 @@ def run_bench(
     and answer-box IoU (default: every checkpoint against the first one). ``previous``, an earlier
     bench on the same cases and settings, lends the results (and per-case rows) of the policies it
     ran under the same name and checkpoint, so a new checkpoint is compared without re-running the others.
+    A checkpoint given as ``blind:PATH`` runs with every picture it reads black (:func:`blind_spec`): beside
+    the same PATH run normally, the difference is what looking adds.
     """
     from medgym.agents.backends import EmbeddedBackend, make_policy
     from medgym.environments.evaluate import evaluate
@@ -61,10 +76,12 @@ def run_bench(
     from medgym.rl.runs import resolve_checkpoint
 
     settings = {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "constrained": constrained}
-    paths = {
-        "expert": "expert",
-        **{name: path if is_prior(path) else str(resolve_checkpoint(path)) for name, path in checkpoints.items()},
-    }
+
+    def resolved(path: str) -> str:
+        blind, spec = blind_spec(path)
+        return (BLIND if blind else "") + (spec if is_prior(spec) else str(resolve_checkpoint(spec)))
+
+    paths = {"expert": "expert", **{name: resolved(path) for name, path in checkpoints.items()}}
     out, cases = {}, {}
     if previous and all(previous.get(k) == v for k, v in settings.items()):
         for name, path in paths.items():
@@ -72,14 +89,15 @@ def run_bench(
                 out[name], cases[name] = previous["results"][name], previous["cases"][name]
     policies: dict[str, Any] = {}
     for name, path in paths.items():
+        spec = blind_spec(path)[1]
         if name in out:
             continue
         if name == "expert":
             policies[name] = ExpertPolicy(tool_mode=tool_mode)
-        elif is_prior(path):
-            policies[name] = make_policy(path, source=source)
+        elif is_prior(spec):
+            policies[name] = make_policy(spec, source=source)
         else:
-            policies[name] = EmbeddedBackend(path, constrained=constrained)
+            policies[name] = EmbeddedBackend(spec, constrained=constrained)
     for name, policy in policies.items():
         t0 = time.perf_counter()
         cases[name] = []
@@ -92,8 +110,18 @@ def run_bench(
             segmenter="threshold",
             tool_mode=tool_mode,
             per_case=cases[name],
+            blind=blind_spec(paths[name])[0],
         )
-        keep = ("accuracy", "answer_form", "by_stage", "n_by_stage", "mean_iou", "mean_prompt_iou", "tool_calls", "tool_calls_by_name")
+        keep = (
+            "accuracy",
+            "answer_form",
+            "by_stage",
+            "n_by_stage",
+            "mean_iou",
+            "mean_prompt_iou",
+            "tool_calls",
+            "tool_calls_by_name",
+        )
         more = ("tool_errors", "format_errors", "format_error_rate", "mean_steps", "mean_reward", "seconds_per_turn")
         out[name] = {k: ev[k] for k in (*keep, *more)}
         out[name]["tool_calls_per_episode"] = ev["tool_calls"] / n

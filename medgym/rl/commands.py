@@ -131,7 +131,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     stage_parser(g).set_defaults(func=cmd_train)
 
     b = stages.add_parser("bench", help="held-out accuracy by stage and IoU: expert vs checkpoints")
-    b.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a checkpoint to compare (repeatable)")
+    b.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="NAME=PATH",
+        help="a checkpoint to compare (repeatable); PATH as blind:PATH runs it with every picture black "
+        "(its tools still see the study), so beside PATH run normally it shows what looking adds",
+    )
     b.add_argument("--n", type=int, default=30, help="held-out cases")
     b.add_argument("--seed", type=int, default=0, help="first held-out case seed")
     b.add_argument("--out", help="folder for bench.json and bench.md (the Markdown table)")

@@ -161,3 +161,31 @@ def test_import_medgym_registers_the_env_and_imports_nothing_heavy():
         "assert obs['n_images'] >= 1 and env.unwrapped.tool_mode == 'predicted'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_blind_evaluation_hides_the_pictures_not_the_tools(blind):
+    """``evaluate(blind=True)`` (``medgym eval --blind``, bench ``blind:PATH``) shows the policy every picture black,
+    the question's and the tool's, at their shapes, while the tool still runs on the study and its text comes back."""
+    from medgym.environments.evaluate import evaluate
+
+    seen: list[list[dict]] = []
+
+    class Looker:
+        model_id = "looker"
+
+        def next_turn(self, messages, *, temperature=0.0):
+            seen.append(messages)
+            if not any(m["role"] == "tool" for m in messages):
+                return '<tool_call>{"name": "zoom", "arguments": {"boxes": [[10, 10, 90, 90]]}}</tool_call>'
+            return "<answer>no</answer>"
+
+    summary = evaluate(Looker(), n=2, seed=3, tool_mode="predicted", blind=blind, segmenter="threshold")
+    assert summary["blind"] is blind and summary["tool_calls"] == 2 and summary["tool_errors"] == 0
+    last = seen[-1]
+    question = next(m for m in last if m["role"] == "user")
+    tool = next(m for m in last if m["role"] == "tool")
+    assert question["images"] and tool["images"] and tool["content"].startswith("[zoom]")
+    assert tool["images"][0].shape[:2] != question["images"][0].shape[:2]  # the crop, kept at its own size
+    brightest = max(int(np.asarray(im).max()) for m in last for im in m["images"])
+    assert (brightest == 0) is blind, brightest

@@ -80,3 +80,14 @@ def test_bench_takes_the_prior_beside_checkpoints():
     assert bench["results"]["prior"]["tool_calls"] == 0 and bench["results"]["expert"]["tool_calls"] > 0
     same = bench["differences"]["again - prior"]["accuracy"]
     assert same["difference"] == same["low"] == same["high"] == 0.0, same
+
+
+def test_bench_runs_a_policy_blind_beside_itself():
+    """``blind:SPEC`` runs SPEC with black pictures, recorded in the bench's paths; the prior never looks, so its
+    blind twin answers exactly as it does."""
+    from medgym.rl.bench import run_bench
+
+    bench = run_bench({"prior": "prior:40", "prior-blind": "blind:prior:40"}, n=4, seed=0, progress=False)
+    assert bench["paths"]["prior-blind"] == "blind:prior:40" and bench["paths"]["prior"] == "prior:40"
+    same = bench["differences"]["prior-blind - prior"]["accuracy"]
+    assert same["difference"] == same["low"] == same["high"] == 0.0, same
