@@ -212,7 +212,10 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
     )
     num_generations: int | None = _help("Rollouts per prompt (the GRPO group size).", default=4)
     max_completion_length: int | None = _help(
-        "Token budget of a whole rollout: generated text *and* tool results (image tokens included).", default=256
+        "Token budget of a whole rollout: generated text *and* tool results (image tokens included). A tool "
+        "result that would cross it is dropped and the rollout ends on its call, unanswered (logged as "
+        "rollouts/cut_by_budget): a looked-up rule question takes 370-480 tokens for the embedded policy.",
+        default=1024
     )
     max_tool_calling_iterations: int | None = _help("Tool rounds per rollout before it must answer.", default=4)
     beta: float = _help(

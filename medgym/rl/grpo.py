@@ -75,6 +75,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, tools: list[dict[str, Any]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._turns_generated = 0  # rollout turns generated in the current _generate call
+        self._warned_cut = False  # rollouts/cut_by_budget warned of once a run
         self._prompt_tools = tools
         if tools is not None:
             # TRL renders the tool list from the env's methods wherever it renders a prompt (the rollout's and
@@ -310,6 +311,13 @@ class MedGymGRPOTrainer(GRPOTrainer):
         calls = [c for env in self.environments or [] for c in env.calls]
         if calls:  # watched by the drift guard (failure_ceiling)
             self._metrics[mode]["tools/failed_share"].append(sum(not c.ok for c in calls) / len(calls))
+        completions = out[3]
+        rounds = self.max_tool_calling_iterations
+        cut = float(np.mean([cut_by_budget(c, rounds) for c in completions])) if completions else 0.0
+        self._metrics[mode]["rollouts/cut_by_budget"].append(cut)
+        if cut > CUT_WARNING and not self._warned_cut:
+            self._warned_cut = True
+            log.warning(ERR_CUT.format(share=cut, budget=self.max_completion_length))
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -669,6 +677,35 @@ def _tool_seconds(environments: list[MedGymToolEnv] | None) -> float:
     return sum(c.seconds for env in environments or [] for c in env.calls)
 
 
+CUT_WARNING = 0.05  # share of a step's rollouts cut by the token budget above which the run warns
+ERR_CUT = (
+    "{share:.0%} of this step's rollouts ended on a tool call whose result did not fit max_completion_length "
+    "({budget} tokens, tool results and their pictures included): TRL drops that result and ends the rollout "
+    "there, without an answer, so those rollouts score 0 whatever they would have answered, and rollouts "
+    "that answer early beat the ones that look further. Raise max_completion_length until "
+    "rollouts/cut_by_budget is near 0."
+)
+
+
+def cut_by_budget(completion: Any, rounds: int) -> bool:
+    """Whether a rollout ended on a tool call that never ran with tool rounds left: TRL's tool loop drops a
+    tool result that would push the rollout past ``max_completion_length`` and ends the rollout there.
+
+    >>> call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "measure"}}]}
+    >>> cut_by_budget([call, {"role": "tool", "content": "[measure] ..."}, call], rounds=4)
+    True
+    >>> cut_by_budget([call, {"role": "tool", "content": "[measure] ..."}, call], rounds=1)
+    False
+    >>> cut_by_budget([{"role": "assistant", "content": "<answer>B</answer>"}], rounds=4)
+    False
+    """
+    if not isinstance(completion, list) or not completion:
+        return False
+    last = completion[-1]
+    pending = isinstance(last, dict) and last.get("role") == "assistant" and bool(last.get("tool_calls"))
+    return pending and tool_turns(completion) < rounds
+
+
 def tool_turns(completion: Any) -> int:
     """How many tool results a (conversational) completion holds."""
     if not isinstance(completion, list):
@@ -813,6 +850,7 @@ __all__ = [
     "MedGymReward",
     "ToolFailurePenalty",
     "build_dataset",
+    "cut_by_budget",
     "case_row",
     "make_trainer",
     "reward_functions",

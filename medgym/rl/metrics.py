@@ -28,6 +28,7 @@ GRPO_PANELS = [
     ("held-out format errors / episode", ("heldout/format_errors_per_episode",)),
     ("tool-call frequency", ("tools/call_frequency",)),
     ("tool failure frequency", ("tools/failure_frequency",)),
+    ("rollouts cut by the token budget", ("rollouts/cut_by_budget",)),
     ("KL to start model (none at beta 0)", ("kl",)),
     ("answer reward (rollouts)", ("rewards/answer/mean",)),
 ]

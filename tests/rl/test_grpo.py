@@ -17,7 +17,7 @@ def _args(tmp_path, **kw):
         max_steps=kw.pop("max_steps", 2),
         per_device_train_batch_size=4,
         num_generations=kw.pop("num_generations", 4),
-        max_completion_length=192,
+        max_completion_length=kw.pop("max_completion_length", 192),
         max_tool_calling_iterations=kw.pop("max_tool_calling_iterations", 3),
         learning_rate=1e-3,
         temperature=1.0,
@@ -397,6 +397,39 @@ def test_prefix_cached_generation_equals_plain_generation(trainer_parts, tmp_pat
         width = inputs["input_ids"].size(1)
         assert torch.equal(plain.sequences[:, width:], cached.sequences[:, width:])
         torch.testing.assert_close(plain.scores[0], cached.scores[0], atol=1e-4, rtol=1e-4)
+
+
+def test_rollouts_cut_by_the_token_budget_are_counted_and_warned_of(trainer_parts, tmp_path, caplog):
+    """A tool result that does not fit ``max_completion_length`` ends the rollout on its call, unanswered:
+    ``rollouts/cut_by_budget`` counts those rollouts and the run warns, naming the setting to raise."""
+    from transformers import TrainerCallback
+
+    from medgym.rl.grpo import cut_by_budget, make_trainer
+
+    model, processor, dataset = trainer_parts
+    logs: list[dict] = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs_=None, **kwargs):
+            logs.append(dict(kwargs.get("logs") or logs_ or {}))
+
+    shares = {}
+    for budget in (48, 1024):
+        logs.clear()
+        args = _args(tmp_path / str(budget), max_steps=1, constrained=True, max_completion_length=budget)
+        trainer = make_trainer(model, processor, dataset, args, callbacks=[Keep()])
+        with caplog.at_level("WARNING", logger="medgym.rl.grpo"):
+            seen = _train_keeping_completions(trainer)
+        cut = [c for c in seen if cut_by_budget(c, args.max_tool_calling_iterations)]
+        shares[budget] = next(row["rollouts/cut_by_budget"] for row in logs if "rollouts/cut_by_budget" in row)
+        assert shares[budget] == pytest.approx(len(cut) / len(seen))
+        warned = [r for r in caplog.records if "max_completion_length" in r.getMessage()]
+        assert bool(warned) == (shares[budget] > 0.05), (budget, shares[budget])
+        caplog.clear()
+        if budget == 48:
+            assert cut, "no rollout was cut by a 48-token budget"
+            assert all(c[-1]["role"] == "assistant" and c[-1]["tool_calls"] for c in cut)
+    assert shares[1024] == 0.0 < shares[48]
 
 
 def test_constrained_rollouts_answer_in_the_turn_after_the_last_tool_round(trainer_parts, tmp_path):
