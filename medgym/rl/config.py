@@ -215,7 +215,7 @@ class GRPOConfig(MedgymArguments, trl.GRPOConfig):
         "Token budget of a whole rollout: generated text *and* tool results (image tokens included). A tool "
         "result that would cross it is dropped and the rollout ends on its call, unanswered (logged as "
         "rollouts/cut_by_budget): a looked-up rule question takes 370-480 tokens for the embedded policy.",
-        default=1024
+        default=1024,
     )
     max_tool_calling_iterations: int | None = _help("Tool rounds per rollout before it must answer.", default=4)
     beta: float = _help(
