@@ -822,16 +822,23 @@ def make_trainer(
     Each rollout's env runs the tools with ``args.segmenter`` in ``args.tool_mode``.
     """
     funcs, weights = reward_functions(reward_names)
-    if args.reward_weights is not None and len(args.reward_weights) == len(
-        funcs
-    ):  # the config's, in REWARD_FUNCS order
-        weights = [float(w) for w in args.reward_weights]
+    given, ours = args.reward_weights, len(funcs)
     if args.tool_failure_weight > 0:
         funcs.append(ToolFailurePenalty())
         weights.append(float(args.tool_failure_weight))
     for func, weight in extra_rewards or []:
         funcs.append(func)
         weights.append(float(weight))
+    if given is not None:
+        if len(given) == ours:  # the config's, in REWARD_FUNCS order
+            weights[:ours] = [float(w) for w in given]
+        elif len(given) == len(funcs):  # a whole list (these args built a trainer before)
+            weights = [float(w) for w in given]
+        else:
+            names = [getattr(f, "__name__", type(f).__name__) for f in funcs[:ours]]
+            raise ValueError(
+                f"reward_weights has {len(given)} values; give one per reward, in this order: {', '.join(names)}"
+            )
     args.reward_weights = weights
     return MedGymGRPOTrainer(
         model=model,

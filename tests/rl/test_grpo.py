@@ -124,6 +124,24 @@ def test_tool_failure_penalty_is_the_share_of_seen_calls_that_failed(trainer_par
         _args(tmp_path, tool_failure_weight=-1.0)
 
 
+def test_reward_weights_of_the_wrong_length_are_refused(trainer_parts, tmp_path):
+    """A config's reward_weights name one weight per medgym reward, in order; a list of another length is an
+    error naming that order (it was silently replaced by the defaults)."""
+    from medgym.environments.rewards import REWARD_FUNCS
+    from medgym.rl.grpo import make_trainer
+
+    model, processor, dataset = trainer_parts
+    mine = [1.0, 0.0, 0.3, 0.0, 0.5]
+    assert len(mine) == len(REWARD_FUNCS)
+    args = _args(tmp_path, tool_failure_weight=0.2, reward_weights=mine)
+    trainer = make_trainer(model, processor, dataset, args)
+    assert trainer.reward_weights.tolist() == pytest.approx([*mine, 0.2])
+    again = make_trainer(model, processor, dataset, args)  # the same args, now holding the whole list
+    assert again.reward_weights.tolist() == pytest.approx([*mine, 0.2])
+    with pytest.raises(ValueError, match="reward_weights has 4 values.*" + ", ".join(REWARD_FUNCS)):
+        make_trainer(model, processor, dataset, _args(tmp_path, reward_weights=mine[:4]))
+
+
 def test_list_image_fields_regression(trainer_parts, tmp_path):
     """TRL 1.16 returns image fields as lists under environment_factory; split_pixel_values_by_grid then crashes.
 
