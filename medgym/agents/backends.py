@@ -510,7 +510,7 @@ def default_embedded_path() -> Path:
 
 
 EMBEDDED_IMAGE_SIZE = 128  # the embedded policy's pictures: 8 x 8 patches of 16 px, merged 2 x 2
-EMBEDDED_MAX_NEW_TOKENS = 96
+EMBEDDED_MAX_NEW_TOKENS = 128
 
 
 SHIPPED_CHECKPOINTS = ("embedded", "embedded-sft")  # package data: SFT + GRPO (the default), and SFT alone

@@ -74,16 +74,19 @@ class TurnLimits:
     def for_budget(cls, max_new_tokens: int) -> TurnLimits:
         """Limits that leave a turn room to finish within ``max_new_tokens``.
 
-        Thoughts and the answer get a quarter and a half of the budget (at one character per token,
-        the worst case: digits are single tokens in many tokenizers), capped at the defaults. String
-        arguments keep their own bound: a look-up query is as long as it needs, or the budget cuts it.
+        Thoughts get a quarter of the budget, the answer and each string argument half of it (at one
+        character per token, the worst case: digits are single tokens in many tokenizers), capped at the
+        defaults. A string bounded only by its own cap could outrun a small budget: a policy that never
+        closes one (a drifting GRPO policy filling ``structure`` with syllables) was cut mid-call, a format
+        error under a grammar meant to rule them out.
 
-        >>> TurnLimits.for_budget(96)
-        TurnLimits(thought_chars=24, answer_chars=48, string_chars=200, whitespace=2)
+        >>> TurnLimits.for_budget(128)
+        TurnLimits(thought_chars=32, answer_chars=64, string_chars=64, whitespace=2)
         """
         return cls(
             thought_chars=min(cls.thought_chars, max_new_tokens // 4),
             answer_chars=min(cls.answer_chars, max(1, max_new_tokens // 2)),
+            string_chars=min(cls.string_chars, max(1, max_new_tokens // 2)),
         )
 
 

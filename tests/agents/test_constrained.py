@@ -148,6 +148,30 @@ def test_free_text_is_bounded(tokenizer, tools):
     assert m.accept_string("</answer>") and m.is_completed()
 
 
+def test_a_call_whose_strings_never_close_still_ends_within_the_embedded_budget(tokenizer, tools):
+    """At the embedded backend's turn budget, a string argument is closed by the grammar early enough that the
+    whole call, written one character per token, still fits: a policy that keeps writing syllables into a
+    string (as a drifting GRPO policy did into ``structure``) gets its call run, not a format error."""
+    from medgym.agents.backends import EMBEDDED_MAX_NEW_TOKENS
+
+    limits = TurnLimits.for_budget(EMBEDDED_MAX_NEW_TOKENS)
+    longest_query = "tumour response category from change in longest diameter"  # the expert's longest string
+    assert len(longest_query) <= limits.string_chars < 200
+    for name, head in (("retrieve", '"query": "'), ("segment", '"box": [-1000, -1000, -1000, -1000], "structure": "')):
+        if name not in {t["function"]["name"] for t in tools}:
+            continue
+        opening = f'<tool_call>\n{{"name": "{name}", "arguments": {{{head}'
+        m = matcher(tokenizer, tools, limits)
+        assert all(feed(m, tokenizer, opening))
+        written = 0
+        while m.accept_string("a"):
+            written += 1
+        assert written == limits.string_chars  # the grammar refuses one more character
+        assert all(feed(m, tokenizer, '"}}\n</tool_call>')) and m.is_completed()
+        worst = len(tokenizer.encode(opening, add_special_tokens=False)) + written + 8  # one token a character
+        assert worst <= EMBEDDED_MAX_NEW_TOKENS, (name, worst)
+
+
 def test_turn_grammar_is_ebnf_that_compiles_again_and_call_schemas_name_one_tool(tools):
     text = turn_grammar(tools, LIMITS)
     assert "root" in text and "measure" in text
