@@ -535,8 +535,9 @@ class EmbeddedBackend(TransformersBackend):
 
     Training lives in ``medgym.rl`` (never imported here); this only loads what training saved and
     prompts it as it was trained: its recorded system text, 128-px letterboxed pictures, the tool
-    list unless it is a no-tools baseline. Constrained, its turns start with a tag: it was trained on
-    turns without thoughts, so free text before the calls would only be noise.
+    list unless it is a no-tools baseline. Constrained, its turns start with a tag and hold one call at
+    most: it was trained on turns without thoughts and with one call each, so free text before the calls
+    would only be noise, and a second call in the turn only a way to run out of its token budget.
     """
 
     def __init__(
@@ -552,7 +553,7 @@ class EmbeddedBackend(TransformersBackend):
         meta = checkpoint_meta(path)
         from medgym.agents.constrained import TurnLimits
 
-        limits = replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0)
+        limits = replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0, max_calls=1)
         super().__init__(
             path,
             device=device or "cpu",

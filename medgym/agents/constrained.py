@@ -64,9 +64,10 @@ class TurnLimits:
     answer_chars: int = 256  # inside <answer>...</answer>
     string_chars: int = 200  # each string argument of a tool call (mask ids, look-up queries)
     whitespace: int = 2  # between and around tags, and in a row inside the call JSON
+    max_calls: int = 0  # tool calls a turn may hold (0: any number); a policy trained on one a turn writes one
 
     def __post_init__(self) -> None:
-        for name in ("thought_chars", "answer_chars", "string_chars", "whitespace"):
+        for name in ("thought_chars", "answer_chars", "string_chars", "whitespace", "max_calls"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TurnLimits.{name} must be 0 or more, got {getattr(self, name)}")
 
@@ -81,7 +82,7 @@ class TurnLimits:
         error under a grammar meant to rule them out.
 
         >>> TurnLimits.for_budget(128)
-        TurnLimits(thought_chars=32, answer_chars=64, string_chars=64, whitespace=2)
+        TurnLimits(thought_chars=32, answer_chars=64, string_chars=64, whitespace=2, max_calls=0)
         """
         return cls(
             thought_chars=min(cls.thought_chars, max_new_tokens // 4),
@@ -224,7 +225,12 @@ def turn_format(tools: list[dict[str, Any]] | None, limits: TurnLimits = TurnLim
             content=st.SequenceFormat(elements=[ws, st.OrFormat(elements=calls_json), ws]),
             end=TOOL_CALL_CLOSE,
         )
-        calls = st.SequenceFormat(elements=[call, st.StarFormat(content=st.SequenceFormat(elements=[ws, call])), ws])
+        more: list[Any] = [st.StarFormat(content=st.SequenceFormat(elements=[ws, call]))]
+        if limits.max_calls:  # up to max_calls - 1 more, each optional after the one before
+            more = []
+            for _ in range(limits.max_calls - 1):
+                more = [st.OptionalFormat(content=st.SequenceFormat(elements=[ws, call, *more]))]
+        calls = st.SequenceFormat(elements=[call, *more, ws])
         branches.insert(0, calls)
     thoughts = st.RegexFormat(pattern=f"[^<]{{0,{limits.thought_chars}}}")
     return st.StructuralTag(format=st.SequenceFormat(elements=[thoughts, st.OrFormat(elements=branches)]))

@@ -172,6 +172,20 @@ def test_a_call_whose_strings_never_close_still_ends_within_the_embedded_budget(
         assert worst <= EMBEDDED_MAX_NEW_TOKENS, (name, worst)
 
 
+@pytest.mark.parametrize("max_calls", [0, 1, 2])
+def test_a_turn_holds_at_most_max_calls_calls(tokenizer, tools, embedded, max_calls):
+    """``max_calls`` bounds the calls of a turn (0: any number); the embedded policy, trained on one call a
+    turn, is decoded with one, so it cannot open a second call that its turn budget then cuts."""
+    call = '<tool_call>\n{"name": "retrieve", "arguments": {"query": "nodule"}}\n</tool_call>'
+    m = matcher(tokenizer, tools, TurnLimits(max_calls=max_calls))
+    written = 0
+    while written < 3 and all(feed(m, tokenizer, ("\n" if written else "") + call)):
+        written += 1
+        assert m.is_completed()  # the turn may end after any of them
+    assert written == (max_calls or 3)
+    assert embedded.turn_limits.max_calls == 1
+
+
 def test_turn_grammar_is_ebnf_that_compiles_again_and_call_schemas_name_one_tool(tools):
     text = turn_grammar(tools, LIMITS)
     assert "root" in text and "measure" in text
