@@ -295,9 +295,10 @@ class MedGymGRPOTrainer(GRPOTrainer):
         return self._prompt_tools if self._prompt_tools is not None else tool_schemas()
 
     def _generate(self, prompts: list):
-        """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds``, their ratio, and
+        """TRL's rollout, timed: logs ``timing/rollout_seconds``, ``timing/tool_seconds``, their ratio,
         ``tools/failed_share`` (calls whose tool rejected them; TRL's ``tools/failure_frequency`` counts only
-        calls that raised, and medgym's tools answer bad arguments with an error text instead)."""
+        calls that raised, and medgym's tools answer bad arguments with an error text instead) and
+        ``rollouts/cut_by_budget`` (:func:`cut_by_budget`; warned of once a run above :data:`CUT_WARNING`)."""
         tool_before = _tool_seconds(self.environments)
         self._turns_generated = 0  # the first turn, then one per tool round (see _generate_single_turn)
         t0 = time.perf_counter()
