@@ -380,11 +380,12 @@ class MedGymGRPOTrainer(GRPOTrainer):
         )
 
 
-# Free text a rollout turn may hold under ``constrained``: no thoughts (the SFT turns have none), answers and
-# string arguments a little longer than the expert's (answers under 40 characters, look-up queries ~50).
-# Sampled at temperature 1, a policy that may write 200-character strings fills them with loops
-# ("agagag...") that cost tokens and teach nothing.
-ROLLOUT_LIMITS = {"thought_chars": 0, "answer_chars": 64, "string_chars": 80}
+# What a rollout turn may hold under ``constrained``: no thoughts (the SFT turns have none), answers and
+# string arguments a little longer than the expert's (answers under 40 characters, look-up queries up to 56),
+# one call (the SFT turns have one): the limits the embedded backend decodes with at its 128-token turns, so
+# a rollout is written under the grammar its evaluation reads. Sampled at temperature 1, a policy that may
+# write 200-character strings fills them with loops ("agagag...") that cost tokens and teach nothing.
+ROLLOUT_LIMITS = {"thought_chars": 0, "answer_chars": 64, "string_chars": 64, "max_calls": 1}
 
 # Multimodal fields of other architectures (tiles, patches, Gemma's token types): TRL's own pass handles them.
 SHARED_PREFIX_UNSUPPORTED = (
