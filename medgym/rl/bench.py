@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from medgym.environments.case import STAGES
+from medgym.environments.evaluate import SUMMARY_KEYS
 
 
 def bootstrap_difference(
@@ -38,6 +39,10 @@ def is_prior(path: str) -> bool:
 
 
 BLIND = "blind:"
+# What a bench keeps of each policy's evaluation summary: its figures, not the run's settings (recorded once per
+# bench), the mask overlaps, the truncation count or the trace path.
+NOT_BENCHED = ("n", "source", "policy", "tool_mode", "blind", "mean_mask_iou", "mean_mask_dice", "truncated", "traces")
+BENCH_KEYS = tuple(k for k in SUMMARY_KEYS if k not in NOT_BENCHED)
 
 
 def blind_spec(path: str) -> tuple[bool, str]:
@@ -77,19 +82,19 @@ def run_bench(
 
     settings = {"n": n, "seed": seed, "source": source, "tool_mode": tool_mode, "constrained": constrained}
 
-    def resolved(path: str) -> str:
+    # name -> (blind, the policy's spec resolved: a checkpoint folder, prior[:N] or expert), parsed once
+    targets = {"expert": (False, "expert")}
+    for name, path in checkpoints.items():
         blind, spec = blind_spec(path)
-        return (BLIND if blind else "") + (spec if is_prior(spec) else str(resolve_checkpoint(spec)))
-
-    paths = {"expert": "expert", **{name: resolved(path) for name, path in checkpoints.items()}}
+        targets[name] = (blind, spec if is_prior(spec) else str(resolve_checkpoint(spec)))
+    paths = {name: (BLIND if blind else "") + spec for name, (blind, spec) in targets.items()}
     out, cases = {}, {}
     if previous and all(previous.get(k) == v for k, v in settings.items()):
         for name, path in paths.items():
             if previous.get("paths", {}).get(name) == path and name in previous.get("cases", {}):
                 out[name], cases[name] = previous["results"][name], previous["cases"][name]
     policies: dict[str, Any] = {}
-    for name, path in paths.items():
-        spec = blind_spec(path)[1]
+    for name, (_, spec) in targets.items():
         if name in out:
             continue
         if name == "expert":
@@ -110,20 +115,9 @@ def run_bench(
             segmenter="threshold",
             tool_mode=tool_mode,
             per_case=cases[name],
-            blind=blind_spec(paths[name])[0],
+            blind=targets[name][0],
         )
-        keep = (
-            "accuracy",
-            "answer_form",
-            "by_stage",
-            "n_by_stage",
-            "mean_iou",
-            "mean_prompt_iou",
-            "tool_calls",
-            "tool_calls_by_name",
-        )
-        more = ("tool_errors", "format_errors", "format_error_rate", "mean_steps", "mean_reward", "seconds_per_turn")
-        out[name] = {k: ev[k] for k in (*keep, *more)}
+        out[name] = {k: ev[k] for k in BENCH_KEYS}
         out[name]["tool_calls_per_episode"] = ev["tool_calls"] / n
         out[name]["seconds_per_case"] = round((time.perf_counter() - t0) / n, 3)
     names = list(checkpoints)
