@@ -513,6 +513,15 @@ EMBEDDED_IMAGE_SIZE = 128  # the embedded policy's pictures: 8 x 8 patches of 16
 EMBEDDED_MAX_NEW_TOKENS = 128
 
 
+def embedded_turn_limits(max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> Any:
+    """The embedded policy's constrained turn (:class:`~medgym.agents.constrained.TurnLimits`): no thoughts and
+    one call, as it was trained, the answer and each string within ``max_new_tokens``. GRPO's rollouts use the
+    same limits, so a policy is trained under the grammar it is evaluated with."""
+    from medgym.agents.constrained import TurnLimits
+
+    return replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0, max_calls=1)
+
+
 SHIPPED_CHECKPOINTS = ("embedded", "embedded-sft")  # package data: SFT + GRPO (the default), and SFT alone
 
 
@@ -551,9 +560,7 @@ class EmbeddedBackend(TransformersBackend):
         if not (path / "config.json").is_file():
             raise BackendUnavailable(ERR_NO_EMBEDDED.format(path=path))
         meta = checkpoint_meta(path)
-        from medgym.agents.constrained import TurnLimits
-
-        limits = replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0, max_calls=1)
+        limits = embedded_turn_limits(max_new_tokens)
         super().__init__(
             path,
             device=device or "cpu",

@@ -32,6 +32,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
+from medgym.agents.backends import embedded_turn_limits
 from medgym.agents.prefix_cache import cache_keyword, has_multimodal_rope, kv_cache, output_kv, prefix_kv
 from medgym.environments.case import Case
 from medgym.environments.contract import DEFAULT_TOOL_MODE
@@ -380,12 +381,11 @@ class MedGymGRPOTrainer(GRPOTrainer):
         )
 
 
-# What a rollout turn may hold under ``constrained``: no thoughts (the SFT turns have none), answers and
-# string arguments a little longer than the expert's (answers under 40 characters, look-up queries up to 56),
-# one call (the SFT turns have one): the limits the embedded backend decodes with at its 128-token turns, so
-# a rollout is written under the grammar its evaluation reads. Sampled at temperature 1, a policy that may
-# write 200-character strings fills them with loops ("agagag...") that cost tokens and teach nothing.
-ROLLOUT_LIMITS = {"thought_chars": 0, "answer_chars": 64, "string_chars": 64, "max_calls": 1}
+# What a rollout turn may hold under ``constrained``: the embedded backend's limits (no thoughts, one call, as
+# the SFT turns; answers and strings within its 128-token turn: 64 characters, a little longer than the
+# expert's), so a rollout is written under the grammar its evaluation reads. Sampled at temperature 1, a policy
+# that may write 200-character strings fills them with loops ("agagag...") that cost tokens and teach nothing.
+ROLLOUT_LIMITS = {k: v for k, v in dataclasses.asdict(embedded_turn_limits()).items() if k != "whitespace"}
 
 # Multimodal fields of other architectures (tiles, patches, Gemma's token types): TRL's own pass handles them.
 SHARED_PREFIX_UNSUPPORTED = (
@@ -837,7 +837,7 @@ def make_trainer(
         elif len(given) == len(funcs):  # a whole list (these args built a trainer before)
             weights = [float(w) for w in given]
         else:
-            names = [getattr(f, "__name__", type(f).__name__) for f in funcs[:ours]]
+            names = [f.name for f in funcs[:ours]]
             raise ValueError(
                 f"reward_weights has {len(given)} values; give one per reward, in this order: {', '.join(names)}"
             )
