@@ -55,6 +55,23 @@ def blind_spec(path: str) -> tuple[bool, str]:
     return (True, path[len(BLIND) :]) if path.startswith(BLIND) else (False, path)
 
 
+def weights_digest(spec: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a checkpoint folder's ``model.safetensors`` ("" for the expert,
+    the prior and a folder without weights): what a later bench's ``--reuse`` checks, since a checkpoint
+    re-shipped or retrained in place keeps its path."""
+    import hashlib
+    from pathlib import Path
+
+    weights = Path(spec) / "model.safetensors"
+    if not weights.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def run_bench(
     checkpoints: dict[str, str],
     n: int = 30,
@@ -71,7 +88,9 @@ def run_bench(
     ``compare`` names pairs (A, B): each gets the paired bootstrap 95 % interval of A - B in accuracy
     and answer-box IoU (default: every checkpoint against the first one). ``previous``, an earlier
     bench on the same cases and settings, lends the results (and per-case rows) of the policies it
-    ran under the same name and checkpoint, so a new checkpoint is compared without re-running the others.
+    ran under the same name and checkpoint (the same path and weights: :func:`weights_digest`; a bench written
+    before digests were recorded is matched on the path alone), so a new checkpoint is compared without
+    re-running the others.
     A checkpoint given as ``blind:PATH`` runs with every picture it reads black (:func:`blind_spec`): beside
     the same PATH run normally, the difference is what looking adds.
     """
@@ -88,10 +107,15 @@ def run_bench(
         blind, spec = blind_spec(path)
         targets[name] = (blind, spec if is_prior(spec) else str(resolve_checkpoint(spec)))
     paths = {name: (BLIND if blind else "") + spec for name, (blind, spec) in targets.items()}
+    weights = {
+        name: "" if is_prior(spec) or spec == "expert" else weights_digest(spec) for name, (_, spec) in targets.items()
+    }
     out, cases = {}, {}
     if previous and all(previous.get(k) == v for k, v in settings.items()):
+        before = previous.get("weights")
         for name, path in paths.items():
-            if previous.get("paths", {}).get(name) == path and name in previous.get("cases", {}):
+            same_weights = before is None or before.get(name, "") == weights[name]
+            if previous.get("paths", {}).get(name) == path and same_weights and name in previous.get("cases", {}):
                 out[name], cases[name] = previous["results"][name], previous["cases"][name]
     policies: dict[str, Any] = {}
     for name, (_, spec) in targets.items():
@@ -133,6 +157,7 @@ def run_bench(
     return {
         **settings,
         "paths": paths,
+        "weights": weights,
         "results": {k: out[k] for k in order},
         "differences": differences,
         "cases": {k: cases[k] for k in order},

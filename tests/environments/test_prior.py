@@ -91,3 +91,38 @@ def test_bench_runs_a_policy_blind_beside_itself():
     assert bench["paths"]["prior-blind"] == "blind:prior:40" and bench["paths"]["prior"] == "prior:40"
     same = bench["differences"]["prior-blind - prior"]["accuracy"]
     assert same["difference"] == same["low"] == same["high"] == 0.0, same
+
+
+def test_a_reused_bench_reruns_a_checkpoint_whose_weights_changed(tmp_path, monkeypatch):
+    """``--reuse`` lends a policy's earlier results only when its path and its weights are the same: a checkpoint
+    re-shipped in place keeps its path, so the digest of its ``model.safetensors`` decides."""
+    import medgym.agents.backends as backends
+    import medgym.environments.evaluate as evaluate_module
+    from medgym.agents.backends import make_policy
+    from medgym.rl.bench import run_bench
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"first weights")
+    ran, real_evaluate = [], evaluate_module.evaluate
+
+    def evaluate(policy, **kw):  # the checkpoint's episodes are the prior's (no model to load here)
+        if isinstance(policy, str):
+            ran.append(policy)
+            policy = make_policy("prior:40", source="phantom")
+        return real_evaluate(policy, **kw)
+
+    monkeypatch.setattr(backends, "EmbeddedBackend", lambda spec, constrained=False: spec)
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    first = run_bench({"policy": str(checkpoint)}, n=3, seed=0, progress=False)
+    assert ran == [str(checkpoint)] and first["weights"]["policy"] and first["weights"]["expert"] == ""
+    again = run_bench({"policy": str(checkpoint)}, n=3, seed=0, progress=False, previous=first)
+    assert ran == [str(checkpoint)] and again["results"] == first["results"]
+
+    (checkpoint / "model.safetensors").write_bytes(b"weights trained again")
+    changed = run_bench({"policy": str(checkpoint)}, n=3, seed=0, progress=False, previous=first)
+    assert len(ran) == 2 and changed["weights"]["policy"] != first["weights"]["policy"]
+    legacy = {k: v for k, v in first.items() if k != "weights"}  # a bench from before digests: the path decides
+    run_bench({"policy": str(checkpoint)}, n=3, seed=0, progress=False, previous=legacy)
+    assert len(ran) == 2
