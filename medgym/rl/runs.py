@@ -168,25 +168,31 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     trainer = make_trainer(model, processor, dataset, cfg, callbacks, tools=tools)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
-    if not trainer.accelerator.is_main_process:
-        return {"steps": trainer.state.global_step, "process": trainer.accelerator.process_index}
-    meta = {
-        "model_id": model_id,
-        "stage": "grpo",
-        "tool_mode": cfg.tool_mode,
-        "parameters": n_parameters(model),
-        "recipe": {**start_meta.get("recipe", {}), "grpo": cfg_recipe},
-        "train_seconds": round(time.perf_counter() - t0, 1),
-        "collapse": guard.stopped,
-        "heldout_curve": curve.points,
-    }
-    final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode, tools)
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        meta = {
+            "model_id": model_id,
+            "stage": "grpo",
+            "tool_mode": cfg.tool_mode,
+            "parameters": n_parameters(model),
+            "recipe": {**start_meta.get("recipe", {}), "grpo": cfg_recipe},
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "collapse": guard.stopped,
+            "heldout_curve": curve.points,
+        }
+        final = save(trainer.model, processor, out / "final", meta, cfg.tool_mode, tools)
+    # every rank waits for the save, then leaves the process group: a rank that exits with its gloo threads
+    # still running aborts ("terminate called without an active exception") and fails the launch
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return {"steps": trainer.state.global_step, "process": accelerator.process_index}
     summary: dict[str, Any] = {
         "final": str(final),
         "steps": trainer.state.global_step,
         "stopped": guard.stopped,
         "curve": curve.points,
-        "processes": trainer.accelerator.num_processes,
+        "processes": accelerator.num_processes,
         "resumed_from": str(latest) if latest is not None else None,
     }
     return _finish(summary, cfg, metrics, GRPO_PANELS, "grpo.png")
