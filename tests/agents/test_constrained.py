@@ -130,8 +130,12 @@ def test_the_grammar_refuses_what_the_parser_or_the_tools_would(tokenizer, tools
 
 
 def test_nullable_arguments_take_null_and_special_tokens_are_never_allowed(tokenizer, tools):
-    m = matcher(tokenizer, tools)
+    full = tool_schemas()  # the full list marks optional arguments nullable (the brief one leaves that out)
+    m = matcher(tokenizer, full)
     assert all(feed(m, tokenizer, '<tool_call>{"name": "measure", "arguments": {"target": "mask_1", "to": null'))
+    if tools != full:  # a policy prompted without "nullable" is held to what it was shown
+        m = matcher(tokenizer, tools)
+        assert not all(feed(m, tokenizer, '<tool_call>{"name": "measure", "arguments": {"to": null'))
     m = matcher(tokenizer, tools)
     assert all(feed(m, tokenizer, '<tool_call>{"name": "retrieve", "arguments": {"query": "'))
     inside_a_string = allowed(m, len(tokenizer))
