@@ -522,7 +522,8 @@ def embedded_turn_limits(max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> Any:
     return replace(TurnLimits.for_budget(max_new_tokens), thought_chars=0, max_calls=1)
 
 
-SHIPPED_CHECKPOINTS = ("embedded", "embedded-sft")  # package data: the default (SFT + GRPO when GRPO measured better), and SFT alone
+# package data: the default (SFT + GRPO when GRPO measured better), and SFT alone
+SHIPPED_CHECKPOINTS = ("embedded", "embedded-sft")
 
 
 def embedded_path(name_or_path: str | Path | None) -> Path:

@@ -31,7 +31,10 @@ SCRIPT = [
         ],
     },
     # 2: a tool call written as text (the fallback some servers produce)
-    {"content": '<tool_call>{"name": "segment", "arguments": {"box": [90, 90, 170, 170]}}</tool_call>', "tool_calls": None},
+    {
+        "content": '<tool_call>{"name": "segment", "arguments": {"box": [90, 90, 170, 170]}}</tool_call>',
+        "tool_calls": None,
+    },
     # 3: the answer
     {"content": "<answer>one lesion</answer>", "tool_calls": None},
 ]
