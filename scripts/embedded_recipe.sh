@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The brief-tool recipe of the embedded policy (an experiment beside the shipped pair; docs/training_log.md),
-# phase by phase. Each phase is skipped when its output is there; a killed phase continues from its newest
-# checkpoint when the script runs again.
-# About 90 minutes on 2 CPU cores (detect SFT ~23, brief SFT ~14, copy probe ~10, copy SFT ~19, mixed SFT ~14,
-# GRPO ~15).
+# The brief-tool recipe of the shipped embedded policy (docs/training_log.md), phase by phase. Each phase is
+# skipped when its output is there; a killed phase continues from its newest checkpoint when the script runs again.
+# About 80 minutes on 2 CPU cores for the SFT phases (detect SFT, brief SFT, copy probe, copy SFT, mixed SFT: the
+# shipped embedded-sft), then ~30 minutes of GRPO from it (configs/grpo_embedded_brief_budget.yaml, measured not
+# better, so not shipped).
 #
 #   bash scripts/embedded_recipe.sh        # SFT phases (-> runs/sft_embedded_mixed_brief), then GRPO
 #   bash scripts/embedded_recipe.sh sft    # SFT phases only
@@ -48,7 +48,7 @@ sft configs/sft_embedded_copy_brief.yaml runs/sft_embedded_copy_brief
 sft configs/sft_embedded_mixed_brief.yaml runs/sft_embedded_mixed_brief   # the SFT to compare GRPO against
 [ "${1:-all}" = sft ] && exit 0
 
-out=runs/grpo_embedded_brief_t05
+out=runs/grpo_embedded_brief_budget
 if [ -f "$out/final/medgym.json" ]; then echo "== $out: done"; exit 0; fi
-echo "== configs/grpo_embedded_brief_t05.yaml -> $out"
-medgym train grpo --config configs/grpo_embedded_brief_t05.yaml $(resume_flag "$out")
+echo "== configs/grpo_embedded_brief_budget.yaml -> $out"
+medgym train grpo --config configs/grpo_embedded_brief_budget.yaml $(resume_flag "$out")
