@@ -21,7 +21,6 @@ Everything else is TRL's own trainer.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -139,7 +138,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
         if getattr(self.args, "constrained", False):
             from transformers import LogitsProcessorList
 
-            from medgym.agents.constrained import TurnLimits, constrained_logits_processor, stop_ids
+            from medgym.agents.constrained import constrained_logits_processor, stop_ids
 
             budget = int(self.generation_config.max_new_tokens or self.max_completion_length)
             # TRL runs no tool after the last round's turn: there, as in a held-out episode's last turn, only an answer
@@ -147,7 +146,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
             grammar = constrained_logits_processor(
                 self._tokenizer,
                 None if last else self.tools_schemas,
-                limits=dataclasses.replace(TurnLimits.for_budget(budget), **ROLLOUT_LIMITS),
+                limits=ROLLOUT_LIMITS,
                 max_new_tokens=budget,
                 stop_token_ids=stop_ids(self._tokenizer, self.generation_config),
             )
@@ -385,7 +384,7 @@ class MedGymGRPOTrainer(GRPOTrainer):
 # the SFT turns; answers and strings within its 128-token turn: 64 characters, a little longer than the
 # expert's), so a rollout is written under the grammar its evaluation reads. Sampled at temperature 1, a policy
 # that may write 200-character strings fills them with loops ("agagag...") that cost tokens and teach nothing.
-ROLLOUT_LIMITS = {k: v for k, v in dataclasses.asdict(embedded_turn_limits()).items() if k != "whitespace"}
+ROLLOUT_LIMITS = embedded_turn_limits()
 
 # Multimodal fields of other architectures (tiles, patches, Gemma's token types): TRL's own pass handles them.
 SHARED_PREFIX_UNSUPPORTED = (

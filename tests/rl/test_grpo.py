@@ -363,14 +363,11 @@ def _train_keeping_completions(trainer) -> list:
 def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_parts, tmp_path):
     """Under ``constrained`` every rollout turn is one tool call or an answer, its free text within ROLLOUT_LIMITS:
     the limits the embedded backend decodes with, so rollouts are written under the grammar evaluation reads."""
-    import dataclasses
-
     from medgym.agents.backends import EmbeddedBackend
     from medgym.environments.parsing import completion_text, parse_action
     from medgym.rl.grpo import ROLLOUT_LIMITS, make_trainer
 
-    embedded = dataclasses.asdict(EmbeddedBackend().turn_limits)
-    assert {k: embedded[k] for k in ROLLOUT_LIMITS} == ROLLOUT_LIMITS
+    assert EmbeddedBackend().turn_limits == ROLLOUT_LIMITS
 
     model, processor, dataset = trainer_parts
     trainer = make_trainer(model, processor, dataset, _args(tmp_path, max_steps=1, constrained=True))
@@ -383,12 +380,12 @@ def test_constrained_rollouts_are_well_formed_turns_with_bounded_text(trainer_pa
         text = completion_text([turn])
         action = parse_action(text)
         calls = turn.get("tool_calls") or []
-        assert len(calls) <= ROLLOUT_LIMITS["max_calls"], turn
+        assert len(calls) <= ROLLOUT_LIMITS.max_calls, turn
         if action.answer is not None:
-            assert len(action.answer) <= ROLLOUT_LIMITS["answer_chars"]
+            assert len(action.answer) <= ROLLOUT_LIMITS.answer_chars
         for call in calls:
             strings = [v for v in call["function"]["arguments"].values() if isinstance(v, str)]
-            assert all(len(s) <= ROLLOUT_LIMITS["string_chars"] for s in strings), call
+            assert all(len(s) <= ROLLOUT_LIMITS.string_chars for s in strings), call
         assert not text.split("<")[0].strip(), f"thought text before the call or answer: {text!r}"
 
 
